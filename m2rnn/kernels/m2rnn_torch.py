@@ -1,0 +1,118 @@
+"""Pure-torch reference of the M2RNN recurrence (runs on any device).
+
+Per head n and step t (DESIGN.md, "The recurrence op"):
+
+    Z_t = tanh(H_{t-1} @ W_n + k_t v_tᵀ)
+    H_t = f_t · H_{t-1} + (1 - f_t) · Z_t
+    y_t = q_tᵀ H_t
+
+The state and the gate are carried in float32 whatever the input dtype. The backward pass is written by hand
+so that ``gradient_clipping=c`` clamps only the recurrent carry ∂L/∂H_t arriving from step t+1 (and the incoming
+∂L/∂H_T) to [-c, c] before the readout term is added: the semantics the published models were trained with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .utils import expand_heads, check_recurrence_inputs
+
+
+def _step(state: torch.Tensor, weight: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, f_t: torch.Tensor):
+    """One step on float32 tensors: state (B,N,K,V), weight (N,V,V), k_t (B,N,K), v_t (B,N,V), f_t (B,N)."""
+    z = torch.tanh(torch.matmul(state, weight) + k_t.unsqueeze(-1) * v_t.unsqueeze(-2))
+    f = f_t[..., None, None]
+    return f * state + (1.0 - f) * z, z
+
+
+class _M2RNNRecurrence(torch.autograd.Function):
+    """Recurrence on head-expanded inputs: q,k (B,S,N,K), v (B,S,N,V), weight (N,V,V), forget (B,S,N), h0 (B,N,K,V)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, weight, forget, h0, gradient_clipping):
+        batch, seqlen, heads, _ = q.shape
+        w = weight.float()
+        state = h0.float().clone()
+        states = [state]
+        ys = []
+        for t in range(seqlen):
+            state, _ = _step(state, w, k[:, t].float(), v[:, t].float(), forget[:, t].float())
+            states.append(state)
+            ys.append(torch.einsum("bnk,bnkv->bnv", q[:, t].float(), state))
+        y = torch.stack(ys, dim=1) if ys else q.new_zeros(batch, 0, heads, v.shape[-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, weight, forget, torch.stack(states, dim=0))
+        ctx.gradient_clipping = gradient_clipping
+        ctx.h0_dtype = h0.dtype
+        return y.to(q.dtype), state
+
+    @staticmethod
+    def backward(ctx, dy, d_final_state):
+        q, k, v, weight, forget, states = ctx.saved_tensors
+        clip = ctx.gradient_clipping
+        seqlen = q.shape[1]
+        w = weight.float()
+        dy = dy.float() if dy is not None else torch.zeros(q.shape[:3] + (v.shape[-1],), device=q.device)
+        carry = d_final_state.float() if d_final_state is not None else torch.zeros_like(states[0])
+        dq, dk, dv, df = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v, forget))
+        dw = torch.zeros_like(w)
+        for t in range(seqlen - 1, -1, -1):
+            prev, cur = states[t], states[t + 1]
+            k_t, v_t, f_t, q_t = k[:, t].float(), v[:, t].float(), forget[:, t].float(), q[:, t].float()
+            _, z = _step(prev, w, k_t, v_t, f_t)
+            if clip is not None:
+                carry = carry.clamp(-clip, clip)
+            d_state = carry + q_t.unsqueeze(-1) * dy[:, t].unsqueeze(-2)
+            dq[:, t] = torch.einsum("bnkv,bnv->bnk", cur, dy[:, t])
+            df[:, t] = (d_state * (prev - z)).sum(dim=(-1, -2))
+            dx = (1.0 - f_t)[..., None, None] * d_state * (1.0 - z * z)
+            dk[:, t] = (dx * v_t.unsqueeze(-2)).sum(-1)
+            dv[:, t] = (dx * k_t.unsqueeze(-1)).sum(-2)
+            dw += torch.einsum("bnkv,bnkw->nvw", prev, dx)
+            carry = f_t[..., None, None] * d_state + torch.matmul(dx, w.transpose(-1, -2))
+        return (
+            dq.to(q.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
+            dw.to(weight.dtype),
+            df.to(forget.dtype),
+            carry.to(ctx.h0_dtype),
+            None,
+        )
+
+
+def m2rnn_recurrence_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    forget: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    gradient_clipping: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference M2RNN recurrence; shapes and semantics as `m2rnn.kernels.m2rnn_recurrence`."""
+    heads = check_recurrence_inputs(q, k, v, weight, forget, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+        return _varlen(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping)
+    batch, _, _, key_dim = q.shape
+    value_dim = v.shape[-1]
+    if initial_state is None:
+        initial_state = q.new_zeros(batch, heads, key_dim, value_dim, dtype=torch.float32)
+    q, k, v, forget, weight = (expand_heads(x, heads, dim) for x, dim in ((q, 2), (k, 2), (v, 2), (forget, 2), (weight, 0)))
+    return _M2RNNRecurrence.apply(q, k, v, weight, forget, initial_state, gradient_clipping)
+
+
+def _varlen(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping):
+    """Packed sequences: run each [cu_seqlens[i], cu_seqlens[i+1]) slice as its own batch-1 sequence."""
+    bounds = cu_seqlens.tolist()
+    ys, finals = [], []
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        h0 = None if initial_state is None else initial_state[i : i + 1]
+        y, h = m2rnn_recurrence_torch(
+            q[None, start:end], k[None, start:end], v[None, start:end], weight, forget[None, start:end], h0,
+            gradient_clipping=gradient_clipping,
+        )
+        ys.append(y[0])
+        finals.append(h)
+    return torch.cat(ys, dim=0), torch.cat(finals, dim=0)
