@@ -116,3 +116,14 @@ def _varlen(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clippin
         ys.append(y[0])
         finals.append(h)
     return torch.cat(ys, dim=0), torch.cat(finals, dim=0)
+
+
+def m2rnn_decode_step_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, forget: torch.Tensor, state: torch.Tensor
+) -> torch.Tensor:
+    """One token: q (B,Nq,K), k (B,Nk,K), v (B,Nv,V), forget (B,Nf); `state` (B,N,K,V) float32 is updated in place."""
+    heads = state.shape[1]
+    q, k, v, forget = (expand_heads(x, heads, 1) for x in (q, k, v, forget))
+    new_state, _ = _step(state.float(), expand_heads(weight, heads, 0).float(), k.float(), v.float(), forget.float())
+    state.copy_(new_state)
+    return torch.einsum("bnk,bnkv->bnv", q.float(), new_state).to(v.dtype)
