@@ -6,9 +6,11 @@ Per head n and step t (DESIGN.md, "The recurrence op"):
     H_t = f_t · H_{t-1} + (1 - f_t) · Z_t
     y_t = q_tᵀ H_t
 
-The state and the gate are carried in float32 whatever the input dtype. The backward pass is written by hand
+The state and the gate are carried in float32 whatever the input dtype (float64 for float64 inputs, so that
+tests can compare other backends against it at double precision). The backward pass is written by hand
 so that ``gradient_clipping=c`` clamps only the recurrent carry ∂L/∂H_t arriving from step t+1 (and the incoming
 ∂L/∂H_T) to [-c, c] before the readout term is added: the semantics the published models were trained with.
+The gradient returned for the initial state is the carry leaving step 1, unclipped (as in the authors' kernel).
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from __future__ import annotations
 import torch
 
 from .utils import expand_heads, check_recurrence_inputs
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _step(state: torch.Tensor, weight: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, f_t: torch.Tensor):
@@ -31,15 +37,16 @@ class _M2RNNRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, weight, forget, h0, gradient_clipping):
         batch, seqlen, heads, _ = q.shape
-        w = weight.float()
-        state = h0.float().clone()
+        acc = _accumulation_dtype(q)
+        w = weight.to(acc)
+        state = h0.to(acc).clone()
         states = [state]
         ys = []
         for t in range(seqlen):
-            state, _ = _step(state, w, k[:, t].float(), v[:, t].float(), forget[:, t].float())
+            state, _ = _step(state, w, k[:, t].to(acc), v[:, t].to(acc), forget[:, t].to(acc))
             states.append(state)
-            ys.append(torch.einsum("bnk,bnkv->bnv", q[:, t].float(), state))
-        y = torch.stack(ys, dim=1) if ys else q.new_zeros(batch, 0, heads, v.shape[-1], dtype=torch.float32)
+            ys.append(torch.einsum("bnk,bnkv->bnv", q[:, t].to(acc), state))
+        y = torch.stack(ys, dim=1) if ys else q.new_zeros(batch, 0, heads, v.shape[-1], dtype=acc)
         ctx.save_for_backward(q, k, v, weight, forget, torch.stack(states, dim=0))
         ctx.gradient_clipping = gradient_clipping
         ctx.h0_dtype = h0.dtype
@@ -50,14 +57,15 @@ class _M2RNNRecurrence(torch.autograd.Function):
         q, k, v, weight, forget, states = ctx.saved_tensors
         clip = ctx.gradient_clipping
         seqlen = q.shape[1]
-        w = weight.float()
-        dy = dy.float() if dy is not None else torch.zeros(q.shape[:3] + (v.shape[-1],), device=q.device)
-        carry = d_final_state.float() if d_final_state is not None else torch.zeros_like(states[0])
-        dq, dk, dv, df = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v, forget))
+        acc = states.dtype
+        w = weight.to(acc)
+        dy = dy.to(acc)
+        carry = d_final_state.to(acc)
+        dq, dk, dv, df = (torch.empty(x.shape, dtype=acc, device=x.device) for x in (q, k, v, forget))
         dw = torch.zeros_like(w)
         for t in range(seqlen - 1, -1, -1):
             prev, cur = states[t], states[t + 1]
-            k_t, v_t, f_t, q_t = k[:, t].float(), v[:, t].float(), forget[:, t].float(), q[:, t].float()
+            k_t, v_t, f_t, q_t = (x[:, t].to(acc) for x in (k, v, forget, q))
             _, z = _step(prev, w, k_t, v_t, f_t)
             if clip is not None:
                 carry = carry.clamp(-clip, clip)
@@ -124,6 +132,7 @@ def m2rnn_decode_step_torch(
     """One token: q (B,Nq,K), k (B,Nk,K), v (B,Nv,V), forget (B,Nf); `state` (B,N,K,V) float32 is updated in place."""
     heads = state.shape[1]
     q, k, v, forget = (expand_heads(x, heads, 1) for x in (q, k, v, forget))
-    new_state, _ = _step(state.float(), expand_heads(weight, heads, 0).float(), k.float(), v.float(), forget.float())
+    acc = state.dtype
+    new_state, _ = _step(state, expand_heads(weight, heads, 0).to(acc), k.to(acc), v.to(acc), forget.to(acc))
     state.copy_(new_state)
-    return torch.einsum("bnk,bnkv->bnv", q.float(), new_state).to(v.dtype)
+    return torch.einsum("bnk,bnkv->bnv", q.to(acc), new_state).to(v.dtype)
