@@ -1,5 +1,17 @@
-"""M2RNN hybrids for Hugging Face transformers. Importing the package registers the Auto classes."""
+"""M2RNN hybrids for Hugging Face transformers.
+
+Importing the package registers `M2RNNConfig` with `AutoConfig` and the models with `AutoModel` and
+`AutoModelForCausalLM`, so `from_pretrained` works without `trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_m2rnn import M2RNNConfig
+from .modeling_m2rnn import M2RNNCache, M2RNNForCausalLM, M2RNNModel, M2RNNPreTrainedModel
 
-__all__ = ["M2RNNConfig"]
+AutoConfig.register(M2RNNConfig.model_type, M2RNNConfig, exist_ok=True)
+AutoModel.register(M2RNNConfig, M2RNNModel, exist_ok=True)
+AutoModelForCausalLM.register(M2RNNConfig, M2RNNForCausalLM, exist_ok=True)
+
+__version__ = "0.1.0"
+__all__ = ["M2RNNCache", "M2RNNConfig", "M2RNNForCausalLM", "M2RNNModel", "M2RNNPreTrainedModel"]

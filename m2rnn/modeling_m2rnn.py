@@ -1,0 +1,778 @@
+"""M2RNN hybrid models for transformers: M2RNN, Gated DeltaNet and softmax-attention layers in one pre-norm decoder.
+
+Read top to bottom: norms and rotary embeddings, the short convolution shared by the recurrent mixers, the three
+mixers (M2RNN, Gated DeltaNet, attention), the MLPs (SwiGLU and mixture of experts), the decoder layer, the cache,
+and the models. The recurrences themselves live in `m2rnn.kernels` behind one dispatch function per op.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_m2rnn import M2RNNConfig
+from .kernels import m2rnn_decode_step, m2rnn_recurrence
+from .kernels.gated_deltanet import gated_delta_rule, gated_delta_rule_step
+from .kernels.short_conv import causal_conv1d, causal_conv1d_step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Norms and rotary embeddings
+# ---------------------------------------------------------------------------------------------------------------
+class M2RNNRMSNorm(nn.Module):
+    """RMSNorm with a plain weight (`x̂ · w`), computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * hidden_states).to(dtype)
+
+
+class M2RNNRotaryEmbedding(nn.Module):
+    """RoPE on the first `rotary_dim` dims of each head; `inv_freq` is a non-persistent buffer set in `_init_weights`."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: M2RNNConfig):
+        super().__init__()
+        factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
+        self.rotary_dim = int(config.head_dim * factor)
+        self.rope_theta = float(config.rope_parameters["rope_theta"])
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=device) / self.rotary_dim
+        return 1.0 / (self.rope_theta**exponents)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float().to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` dims of x (B, heads, S, D); the rest pass through."""
+    rotary_dim = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotated, passthrough = x[..., :rotary_dim], x[..., rotary_dim:]
+    rotated = rotated * cos + _rotate_half(rotated) * sin
+    return torch.cat((rotated, passthrough), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The short convolution of the recurrent mixers, with its cache
+# ---------------------------------------------------------------------------------------------------------------
+def short_convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    layer_idx: int,
+    cache: Cache | None,
+    cu_seqlens: torch.Tensor | None,
+    decoding: bool,
+) -> torch.Tensor:
+    """Depthwise causal conv + SiLU over x (B, S, C), reading and updating the layer's conv state in `cache`.
+
+    The cache keeps the last `Kc` raw inputs (B, C, Kc). A 1-token decode step updates it in place; anything else
+    (prefill, chunked prefill) convolves the cached columns followed by the new ones and keeps the last S outputs.
+    """
+    kernel_size = weight.shape[-1]
+    if decoding:
+        return causal_conv1d_step(x[:, 0], cache.get_conv_state(layer_idx), weight).unsqueeze(1)
+    columns = x.transpose(1, 2)
+    if cache is not None:
+        columns = cache.update_conv_state(columns, layer_idx, conv_kernel_size=kernel_size)
+    out = causal_conv1d(columns, weight, cu_seqlens=cu_seqlens)
+    return out[..., -x.shape[1] :].transpose(1, 2)
+
+
+def _is_decode_step(cache: Cache | None, layer_idx: int, seq_len: int) -> bool:
+    return (
+        cache is not None
+        and seq_len == 1
+        and cache.has_previous_state(layer_idx)
+        and not cache.is_recording_past(layer_idx)
+    )
+
+
+def _mask_padding(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero padded positions so that nothing they carry reaches a conv or a recurrent state."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return hidden_states
+    return hidden_states * attention_mask[:, -hidden_states.shape[1] :, None].to(hidden_states.dtype)
+
+
+def _keep_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """Boolean (B, S) of real (non-padded) positions, or None."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -seq_len:].bool()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The M2RNN mixer (the paper's layer)
+# ---------------------------------------------------------------------------------------------------------------
+class M2RNNMixer(nn.Module):
+    """Matrix-to-matrix non-linear RNN layer (arXiv 2603.14360), as the published models were trained.
+
+    in_proj → [q | k | v | x_f | g]; depthwise causal conv (no bias) + SiLU on [q | k | v];
+    f = exp(-exp(A_log) · softplus(x_f + dt_bias)) in fp32; per head n: Z = tanh(H W_n + k vᵀ),
+    H = f H + (1 - f) Z, y = qᵀ H; y += D ⊙ v; y ⊙= SiLU(g); RMSNorm over the whole N·V vector; out_proj.
+    """
+
+    def __init__(self, config: M2RNNConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.key_dim = config.m2rnn_key_head_dim
+        self.value_dim = config.m2rnn_value_head_dim
+        self.num_heads = config.m2rnn_num_heads
+        self.num_q_heads = config.m2rnn_num_q_heads
+        self.num_k_heads = config.m2rnn_num_k_heads
+        self.num_v_heads = config.m2rnn_num_v_heads
+        self.num_forget_heads = config.m2rnn_num_forget_heads
+        self.num_gate_heads = config.m2rnn_num_gate_heads
+        self.gradient_clipping = config.m2rnn_gradient_clipping
+        self.use_residual = config.m2rnn_use_residual
+        self.conv_dim = (self.num_q_heads + self.num_k_heads) * self.key_dim + self.num_v_heads * self.value_dim
+        gate_dim = self.num_gate_heads * self.value_dim
+        output_dim = self.num_heads * self.value_dim
+
+        self.in_proj = nn.Linear(config.hidden_size, self.conv_dim + self.num_forget_heads + gate_dim, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, config.m2rnn_conv_kernel_size, groups=self.conv_dim, bias=False
+        )
+        self.A_log = nn.Parameter(torch.zeros(self.num_forget_heads))
+        self.dt_bias = nn.Parameter(torch.zeros(self.num_forget_heads))
+        self.state_weight = nn.Parameter(torch.zeros(config.m2rnn_num_weight_heads, self.value_dim, self.value_dim))
+        self.D = nn.Parameter(torch.ones(self.num_heads, self.value_dim)) if self.use_residual else None
+        self.norm = M2RNNRMSNorm(output_dim, eps=config.m2rnn_norm_eps)
+        self.out_proj = nn.Linear(output_dim, config.hidden_size, bias=False)
+
+    def forget_gate(self, x_f: torch.Tensor) -> torch.Tensor:
+        """f = exp(-exp(A_log) · softplus(x_f + dt_bias)), in float32."""
+        return torch.exp(-self.A_log.float().exp() * F.softplus(x_f.float() + self.dt_bias.float()))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        batch, seq_len, _ = hidden_states.shape
+        decoding = _is_decode_step(past_key_values, self.layer_idx, seq_len)
+        resuming = past_key_values is not None and past_key_values.has_previous_state(self.layer_idx)
+        hidden_states = _mask_padding(hidden_states, attention_mask)
+
+        qkv, x_f, gate = self.in_proj(hidden_states).split(
+            [self.conv_dim, self.num_forget_heads, self.num_gate_heads * self.value_dim], dim=-1
+        )
+        qkv = short_convolution(
+            qkv, self.conv1d.weight.squeeze(1), self.layer_idx, past_key_values, cu_seqlens, decoding
+        )
+        q, k, v = qkv.split(
+            [self.num_q_heads * self.key_dim, self.num_k_heads * self.key_dim, self.num_v_heads * self.value_dim], -1
+        )
+        q = q.reshape(batch, seq_len, self.num_q_heads, self.key_dim)
+        k = k.reshape(batch, seq_len, self.num_k_heads, self.key_dim)
+        v = v.reshape(batch, seq_len, self.num_v_heads, self.value_dim)
+        forget = self.forget_gate(x_f)
+        keep = _keep_mask(attention_mask, seq_len)
+        if keep is not None:  # f = 1 leaves the state untouched at padded positions
+            forget = forget.masked_fill(~keep[..., None], 1.0)
+
+        if decoding:
+            state = past_key_values.get_recurrent_state(self.layer_idx)
+            y = m2rnn_decode_step(q[:, 0], k[:, 0], v[:, 0], self.state_weight, forget[:, 0], state).unsqueeze(1)
+        else:
+            initial_state = past_key_values.get_recurrent_state(self.layer_idx) if resuming else None
+            y, final_state = m2rnn_recurrence(
+                q, k, v, self.state_weight, forget, initial_state,
+                cu_seqlens=cu_seqlens,
+                gradient_clipping=self.gradient_clipping if self.training else None,
+            )
+            if past_key_values is not None:
+                past_key_values.update_recurrent_state(final_state, self.layer_idx)
+
+        if self.use_residual:
+            y = y + self.D * _expand_heads(v, self.num_heads)
+        y = y * F.silu(_expand_heads(gate.reshape(batch, seq_len, self.num_gate_heads, self.value_dim), self.num_heads))
+        y = self.norm(y.reshape(batch, seq_len, self.num_heads * self.value_dim))
+        return self.out_proj(y)
+
+
+def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, groups, D) → (B, S, heads, D), contiguous groups."""
+    return x if x.shape[2] == heads else x.repeat_interleave(heads // x.shape[2], dim=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Gated DeltaNet mixer (Qwen3.5 layout)
+# ---------------------------------------------------------------------------------------------------------------
+class M2RNNGatedDeltaNet(nn.Module):
+    """Gated DeltaNet (gdn-checkpoint-formats.md §1): l2-normed q, k; S ← exp(g) S; S ← S + k (β(v − Sᵀk))ᵀ; o = Sᵀq;
+    out = out_proj(RMSNorm_per_head(o) ⊙ SiLU(z))."""
+
+    def __init__(self, config: M2RNNConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_k_heads = config.linear_num_key_heads
+        self.num_v_heads = config.linear_num_value_heads
+        self.key_dim = config.linear_key_head_dim
+        self.value_dim = config.linear_value_head_dim
+        key_total, value_total = self.num_k_heads * self.key_dim, self.num_v_heads * self.value_dim
+        self.conv_dim = 2 * key_total + value_total
+
+        self.in_proj_qkv = nn.Linear(config.hidden_size, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(config.hidden_size, value_total, bias=False)
+        self.in_proj_b = nn.Linear(config.hidden_size, self.num_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(config.hidden_size, self.num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, config.linear_conv_kernel_dim, groups=self.conv_dim, bias=False
+        )
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
+        self.dt_bias = nn.Parameter(torch.zeros(self.num_v_heads))
+        self.norm = M2RNNRMSNorm(self.value_dim, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(value_total, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        batch, seq_len, _ = hidden_states.shape
+        decoding = _is_decode_step(past_key_values, self.layer_idx, seq_len)
+        resuming = past_key_values is not None and past_key_values.has_previous_state(self.layer_idx)
+        hidden_states = _mask_padding(hidden_states, attention_mask)
+
+        qkv = short_convolution(
+            self.in_proj_qkv(hidden_states), self.conv1d.weight.squeeze(1), self.layer_idx, past_key_values,
+            cu_seqlens, decoding,
+        )
+        q, k, v = qkv.split([self.num_k_heads * self.key_dim] * 2 + [self.num_v_heads * self.value_dim], dim=-1)
+        q = q.reshape(batch, seq_len, self.num_k_heads, self.key_dim)
+        k = k.reshape(batch, seq_len, self.num_k_heads, self.key_dim)
+        v = v.reshape(batch, seq_len, self.num_v_heads, self.value_dim)
+        beta = torch.sigmoid(self.in_proj_b(hidden_states).float())
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(hidden_states).float() + self.dt_bias.float())
+        keep = _keep_mask(attention_mask, seq_len)
+        if keep is not None:  # no decay and no write at padded positions
+            g = g.masked_fill(~keep[..., None], 0.0)
+            beta = beta.masked_fill(~keep[..., None], 0.0)
+
+        if decoding:
+            state = past_key_values.get_recurrent_state(self.layer_idx)
+            o = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state).unsqueeze(1)
+        else:
+            initial_state = past_key_values.get_recurrent_state(self.layer_idx) if resuming else None
+            o, final_state = gated_delta_rule(q, k, v, g, beta, initial_state, cu_seqlens=cu_seqlens)
+            if past_key_values is not None:
+                past_key_values.update_recurrent_state(final_state, self.layer_idx)
+
+        z = self.in_proj_z(hidden_states).reshape(batch, seq_len, self.num_v_heads, self.value_dim)
+        o = self.norm(o) * F.silu(z)
+        return self.out_proj(o.reshape(batch, seq_len, -1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------------
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with GQA on (B, heads, S, D) tensors; returns (B, S, heads, D) and the weights."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class M2RNNAttention(nn.Module):
+    """Causal softmax attention: GQA, NoPE or (partial) RoPE, optional per-head qk RMSNorm and sigmoid output gate."""
+
+    def __init__(self, config: M2RNNConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads  # read by transformers' attention functions
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.output_gate = config.attention_output_gate
+        q_out = self.num_heads * self.head_dim * (2 if self.output_gate else 1)
+        self.q_proj = nn.Linear(config.hidden_size, q_out, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        if config.attention_qk_norm:
+            self.q_norm = M2RNNRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = M2RNNRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq_len, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, seq_len, self.num_heads, -1)
+        gate = None
+        if self.output_gate:
+            query, gate = query.chunk(2, dim=-1)
+        key = self.k_proj(hidden_states).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        value = self.v_proj(hidden_states).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+            query, key = apply_rotary_pos_emb(query, cos, sin), apply_rotary_pos_emb(key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, weights = attention(
+            self, query, key, value, attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        output = output.reshape(batch, seq_len, -1)
+        if gate is not None:
+            output = output * torch.sigmoid(gate.reshape(batch, seq_len, -1))
+        return self.o_proj(output), weights
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLPs
+# ---------------------------------------------------------------------------------------------------------------
+class M2RNNMLP(nn.Module):
+    """SwiGLU: down_proj(act(gate_proj x) ⊙ up_proj x)."""
+
+    def __init__(self, config: M2RNNConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class M2RNNTopKRouter(nn.Module):
+    """Softmax over all experts in fp32, keep the top k (renormalised when `norm_topk_prob`)."""
+
+    def __init__(self, config: M2RNNConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = F.linear(hidden_states, self.weight)
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        top_weights, top_experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        return router_logits, top_weights.to(hidden_states.dtype), top_experts
+
+
+class M2RNNSparseMoeBlock(nn.Module):
+    """Routed SwiGLU experts plus an optional shared expert (with an optional sigmoid gate)."""
+
+    def __init__(self, config: M2RNNConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.gate = M2RNNTopKRouter(config)
+        self.experts = nn.ModuleList(M2RNNMLP(config, config.moe_intermediate_size) for _ in range(self.num_experts))
+        self.shared_expert = (
+            M2RNNMLP(config, config.shared_expert_intermediate_size) if config.shared_expert_intermediate_size else None
+        )
+        self.shared_expert_gate = (
+            nn.Linear(config.hidden_size, 1, bias=False)
+            if self.shared_expert is not None and config.shared_expert_gated
+            else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, shape[-1])
+        _, top_weights, top_experts = self.gate(tokens)
+        output = torch.zeros_like(tokens)
+        for expert_idx in top_experts.unique().tolist():
+            token_idx, slot = torch.where(top_experts == expert_idx)
+            expert_out = self.experts[expert_idx](tokens[token_idx]) * top_weights[token_idx, slot, None]
+            output.index_add_(0, token_idx, expert_out.to(output.dtype))
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(tokens))
+            output = output + shared
+        return output.reshape(shape)
+
+
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss: E · Σ_e (share of routed slots to e) · (mean router prob of e)."""
+    logits = torch.cat([layer_logits.reshape(-1, num_experts) for layer_logits in router_logits], dim=0)
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+    _, selected = torch.topk(probs, top_k, dim=-1)
+    routed_share = F.one_hot(selected, num_experts).float().sum(dim=1).mean(dim=0) / top_k
+    return num_experts * torch.sum(routed_share * probs.mean(dim=0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoder layer
+# ---------------------------------------------------------------------------------------------------------------
+_MIXERS = {"m2rnn": M2RNNMixer, "gated_deltanet": M2RNNGatedDeltaNet, "full_attention": M2RNNAttention}
+
+
+class M2RNNDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: M2RNNConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_type = config.mixer_types[layer_idx]
+        self.input_layernorm = M2RNNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = _MIXERS[self.mixer_type](config, layer_idx)
+        self.post_attention_layernorm = M2RNNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = M2RNNSparseMoeBlock(config)
+        else:
+            self.mlp = M2RNNMLP(config, config.intermediate_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        if self.mixer_type == "full_attention":
+            hidden_states, _ = self.mixer(
+                hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
+                position_embeddings=position_embeddings, **kwargs,
+            )
+        else:
+            hidden_states = self.mixer(
+                hidden_states, attention_mask=attention_mask, past_key_values=past_key_values, cu_seqlens=cu_seqlens
+            )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------------
+class M2RNNCache(DynamicCache):
+    """`DynamicCache` that also counts the tokens it has seen.
+
+    transformers asks the first attention layer of a cache for its length; a model made only of recurrent layers
+    has none, so this cache answers from its own count instead. Hybrids with attention use a plain `DynamicCache`
+    or `StaticCache`; `generate` switches to this class only for attention-free models.
+    """
+
+    def __init__(self, config: M2RNNConfig, **kwargs: Any):
+        super().__init__(config=config, **kwargs)
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if any(isinstance(layer, CacheLayerMixin) for layer in self.layers):
+            return super().get_seq_length(layer_idx)
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for layer in self.layers:
+            layer.reorder_cache(beam_idx)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+class M2RNNPreTrainedModel(PreTrainedModel):
+    config: M2RNNConfig
+    config_class = M2RNNConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["M2RNNDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _is_stateful = True
+    _keep_in_fp32_modules_strict = ["A_log", "dt_bias"]
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(M2RNNTopKRouter, index=0),
+        "hidden_states": M2RNNDecoderLayer,
+        "attentions": OutputRecorder(M2RNNAttention, index=1),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The paper's init: N(0, 0.02) everywhere, residual-branch outputs scaled by 1/√(2L), W = I, D = 1."""
+        config = self.config
+        std = config.initializer_range
+        output_std = std / math.sqrt(2 * config.num_hidden_layers)
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, M2RNNRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, M2RNNTopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, M2RNNRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
+
+        for name in ("out_proj", "o_proj", "down_proj"):
+            if isinstance(getattr(module, name, None), nn.Linear):
+                init.normal_(getattr(module, name).weight, mean=0.0, std=output_std)
+        if isinstance(module, (M2RNNMixer, M2RNNGatedDeltaNet)):
+            self._init_decay_gate(module.A_log, module.dt_bias)
+        if isinstance(module, M2RNNMixer):
+            init.copy_(module.state_weight, torch.eye(module.value_dim).expand_as(module.state_weight))
+            if module.D is not None:
+                init.ones_(module.D)
+
+    def _init_decay_gate(self, a_log: torch.Tensor, dt_bias: torch.Tensor) -> None:
+        """A ~ U(A_init_range), dt ~ logU(dt_min, dt_max) floored, dt_bias = softplus⁻¹(dt)."""
+        config = self.config
+        low, high = config.m2rnn_A_init_range
+        a = torch.empty(a_log.shape, dtype=torch.float32).uniform_(low, high).clamp_min(1e-4)
+        init.copy_(a_log, a.log())
+        log_dt = torch.empty(dt_bias.shape, dtype=torch.float32).uniform_(
+            math.log(config.m2rnn_dt_min), math.log(config.m2rnn_dt_max)
+        )
+        dt = log_dt.exp().clamp_min(config.m2rnn_dt_init_floor)
+        init.copy_(dt_bias, dt + torch.log(-torch.expm1(-dt)))
+
+
+def _cu_seqlens_from_position_ids(position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Boundaries of packed documents in a (1, T) row whose positions restart at 0 (padding-free batches)."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        return None
+    starts = torch.nonzero(position_ids[0] == 0).flatten()
+    if starts.numel() <= 1 and (starts.numel() == 0 or starts[0].item() == 0):
+        return None
+    total = torch.tensor([position_ids.shape[1]], device=position_ids.device)
+    if starts[0].item() != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    return torch.cat([starts, total]).to(torch.int32)
+
+
+class M2RNNModel(M2RNNPreTrainedModel):
+    def __init__(self, config: M2RNNConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(M2RNNDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = M2RNNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        uses_rope = config.rope_parameters is not None and "full_attention" in config.mixer_types
+        self.rotary_emb = M2RNNRotaryEmbedding(config) if uses_rope else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("M2RNNModel: pass exactly one of `input_ids` and `inputs_embeds`")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        seq_len = inputs_embeds.shape[1]
+
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
+        if cu_seqlens is None and past_key_values is None and not isinstance(attention_mask, torch.Tensor):
+            cu_seqlens = _cu_seqlens_from_position_ids(position_ids)
+        if cu_seqlens is not None:  # packed documents never read or write a cache
+            cu_seqlens, use_cache, past_key_values = cu_seqlens.to(torch.int32), False, None
+
+        if use_cache and past_key_values is None:
+            past_key_values = M2RNNCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0) + past_seen
+
+        if isinstance(attention_mask, dict):
+            masks = attention_mask
+        else:
+            mask_kwargs = dict(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                past_key_values=past_key_values, position_ids=position_ids,
+            )
+            masks = {
+                "full_attention": create_causal_mask(**mask_kwargs) if "full_attention" in self.config.layer_types else None,
+                "linear_attention": create_recurrent_attention_mask(**mask_kwargs),
+            }
+
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
+        hidden_states = inputs_embeds
+        for layer, layer_type in zip(self.layers, self.config.layer_types):
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks[layer_type],
+                past_key_values=past_key_values,
+                position_embeddings=position_embeddings,
+                cu_seqlens=cu_seqlens,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        if isinstance(past_key_values, M2RNNCache):
+            past_key_values.seen_tokens += seq_len
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+
+class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: M2RNNConfig):
+        super().__init__(config)
+        self.model = M2RNNModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
+        """As `GenerationMixin`, but an attention-free model gets an `M2RNNCache`, which can tell its length."""
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if (
+            cache is not None
+            and not isinstance(cache, M2RNNCache)
+            and not getattr(cache, "_is_user_defined", False)
+            and "full_attention" not in self.config.mixer_types
+        ):
+            model_kwargs["past_key_values"] = M2RNNCache(config=self.config)
+        return result
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> MoeCausalLMOutputWithPast:
+        """Causal-LM forward. `labels` are shifted inside; `num_items_in_batch` (from Trainer) reaches the loss."""
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        output_router_logits = output_router_logits and self.config.num_experts > 0
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = aux_loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        if output_router_logits and outputs.router_logits:
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+__all__ = [
+    "M2RNNCache",
+    "M2RNNForCausalLM",
+    "M2RNNModel",
+    "M2RNNPreTrainedModel",
+]
