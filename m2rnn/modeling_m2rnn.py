@@ -211,11 +211,16 @@ class M2RNNMixer(nn.Module):
         if decoding:
             state = past_key_values.get_recurrent_state(self.layer_idx)
             y = m2rnn_decode_step(q[:, 0], k[:, 0], v[:, 0], self.state_weight, forget[:, 0], state).unsqueeze(1)
+        elif cu_seqlens is not None:  # packed documents: (1, T, ...) rows become the op's (T, ...) layout
+            y, _ = m2rnn_recurrence(
+                q[0], k[0], v[0], self.state_weight, forget[0], cu_seqlens=cu_seqlens,
+                gradient_clipping=self.gradient_clipping if self.training else None,
+            )
+            y = y.unsqueeze(0)
         else:
             initial_state = past_key_values.get_recurrent_state(self.layer_idx) if resuming else None
             y, final_state = m2rnn_recurrence(
                 q, k, v, self.state_weight, forget, initial_state,
-                cu_seqlens=cu_seqlens,
                 gradient_clipping=self.gradient_clipping if self.training else None,
             )
             if past_key_values is not None:
