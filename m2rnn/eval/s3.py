@@ -1,0 +1,352 @@
+"""S3 state tracking: data, training, evaluation, plot and table for any causal LM.
+
+The task (m2rnn-reference.md §6.6): read a sequence x_1 … x_T of elements of S3, the symmetric group on
+{0, 1, 2}, and predict at every position t the running product p_t of the elements read so far. A model that
+keeps a faithful state generalises to lengths it never saw; a linear RNN such as Gated DeltaNet with gates in
+[0, 1] cannot represent the non-abelian group and fails past its training length.
+
+Conventions
+-----------
+- Elements are the 6 permutations of (0, 1, 2) in lexicographic order (`ELEMENTS`); token id i is `ELEMENTS[i]`,
+  so ids 0..5 are group elements and id 0 is the identity. A model's vocabulary may be larger.
+- A permutation ``p`` is a tuple with ``p[i]`` the image of ``i``. Composition ``(a ∘ b)[i] = a[b[i]]``
+  (apply ``b`` first).
+- Running product: ``p_1 = x_1`` and ``p_t = x_t ∘ p_{t-1}`` — apply x_1 first, then x_2, …, then x_t.
+- Targets are not shifted: the logits at position t (which has read x_1..x_t) are scored against p_t.
+
+The engine is model-agnostic: any module whose ``forward(input_ids)`` returns an object with ``.logits`` of shape
+(B, S, vocab ≥ 6) can be trained and evaluated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# ---------------------------------------------------------------------------------------------------- the group
+
+ELEMENTS: tuple[tuple[int, int, int], ...] = tuple(itertools.permutations(range(3)))
+NUM_ELEMENTS = len(ELEMENTS)  # 6
+IDENTITY = ELEMENTS.index((0, 1, 2))  # 0
+
+
+def compose(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    """``a ∘ b``: the permutation that applies ``b`` first, then ``a``."""
+    return tuple(a[b[i]] for i in range(len(b)))
+
+
+def composition_table() -> torch.Tensor:
+    """(6, 6) long tensor ``T`` with ``T[a, b] = id(ELEMENTS[a] ∘ ELEMENTS[b])``, built by explicit composition."""
+    table = torch.empty(NUM_ELEMENTS, NUM_ELEMENTS, dtype=torch.long)
+    for a, pa in enumerate(ELEMENTS):
+        for b, pb in enumerate(ELEMENTS):
+            table[a, b] = ELEMENTS.index(compose(pa, pb))
+    return table
+
+
+TABLE = composition_table()
+
+
+def element_name(index: int) -> str:
+    """Human-readable cycle notation of element `index`, e.g. ``e``, ``(0 1)``, ``(0 1 2)``."""
+    perm = ELEMENTS[index]
+    seen, cycles = set(), []
+    for start in range(3):
+        if start in seen or perm[start] == start:
+            seen.add(start)
+            continue
+        cycle, i = [], start
+        while i not in seen:
+            seen.add(i)
+            cycle.append(i)
+            i = perm[i]
+        cycles.append("(" + " ".join(map(str, cycle)) + ")")
+    return "".join(cycles) or "e"
+
+
+def running_products(elements: torch.Tensor) -> torch.Tensor:
+    """Running products ``p_t = x_t ∘ p_{t-1}`` (``p_1 = x_1``) of a (B, S) long tensor of element ids."""
+    table = TABLE.to(elements.device)
+    products = torch.empty_like(elements)
+    state = torch.full_like(elements[:, 0], IDENTITY) if elements.shape[1] else None
+    for t in range(elements.shape[1]):
+        state = table[elements[:, t], state]
+        products[:, t] = state
+    return products
+
+
+def sample_batch(
+    batch_size: int, length: int, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform random sequences: ``(input_ids, targets)``, both (batch_size, length) long tensors on `device`."""
+    elements = torch.randint(0, NUM_ELEMENTS, (batch_size, length), generator=generator)
+    return elements.to(device), running_products(elements).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def curriculum_lengths(curriculum: str | Sequence[int] | None, train_length: int) -> list[int]:
+    """The lengths a run visits: `None` = train_length only; a list = those lengths; "doubling" = 4, 8, … ≤ L."""
+    if curriculum is None:
+        return [train_length]
+    if curriculum == "doubling":
+        lengths, n = [], 4
+        while n < train_length:
+            lengths.append(n)
+            n *= 2
+        return lengths + [train_length]
+    lengths = [int(n) for n in curriculum]
+    if not lengths or any(n <= 0 for n in lengths):
+        raise ValueError(f"train_s3: `curriculum`={curriculum!r} must be None, 'doubling' or positive lengths")
+    return lengths
+
+
+def lr_at(step: int, steps: int, lr: float, schedule: str, warmup: int) -> float:
+    """Learning rate at `step` for `schedule` in {"constant", "cosine", "onecycle"} (linear warm-up first)."""
+    if schedule == "constant":
+        return lr * min(1.0, (step + 1) / max(1, warmup))
+    if schedule == "cosine":
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if schedule == "onecycle":
+        peak = max(1, int(0.3 * steps))
+        if step < peak:
+            return lr * (0.1 + 0.9 * step / peak)
+        return lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (step - peak) / max(1, steps - peak))))
+    raise ValueError(f"train_s3: `schedule`={schedule!r} is not one of 'constant', 'cosine', 'onecycle'")
+
+
+def s3_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy at every position (no shift) and the argmax accuracy, over the model's whole vocabulary."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    accuracy = (logits.argmax(-1) == targets).float().mean()
+    return loss, accuracy
+
+
+@dataclass
+class S3History:
+    """What `train_s3` did: per logged step the length, lr, loss and batch accuracy; and the wall time."""
+
+    steps: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("steps", "lengths", "lrs", "losses", "accuracies", "seconds")}
+
+
+def train_s3(
+    model: torch.nn.Module,
+    *,
+    train_length: int = 32,
+    steps: int = 1000,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    schedule: str = "cosine",
+    curriculum: str | Sequence[int] | None = "doubling",
+    advance_at: float | None = 0.99,
+    weight_decay: float = 0.01,
+    warmup: int = 50,
+    grad_clip: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+    log_every: int = 10,
+    max_seconds: float | None = None,
+    description: str = "S3",
+) -> S3History:
+    """Train `model` on S3 running products with AdamW; returns an `S3History`.
+
+    Curriculum: the run visits `curriculum_lengths(curriculum, train_length)` in order. With `advance_at`, it moves
+    to the next length as soon as the mean batch accuracy of the last `log_every` steps reaches `advance_at`
+    (and stays on the last length once there); without it, the steps are split evenly between the lengths.
+    The lr schedule runs over all `steps` whatever the curriculum does. `max_seconds` stops the run early (the
+    history says how many steps ran).
+    """
+    lengths = curriculum_lengths(curriculum, train_length)
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+        betas=(0.9, 0.98),
+    )
+    history = S3History()
+    stage, recent = 0, []
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=description, disable=not progress, dynamic_ncols=True, leave=True)
+    for step in bar:
+        if advance_at is None:
+            stage = min(len(lengths) - 1, step * len(lengths) // max(1, steps))
+        length = lengths[stage]
+        current_lr = lr_at(step, steps, lr, schedule, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = current_lr
+        input_ids, targets = sample_batch(batch_size, length, generator, device)
+        loss, accuracy = s3_loss(model(input_ids).logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        recent.append(accuracy.item())
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            mean_acc = sum(recent) / len(recent)
+            history.steps.append(step + 1)
+            history.lengths.append(length)
+            history.lrs.append(current_lr)
+            history.losses.append(loss.item())
+            history.accuracies.append(mean_acc)
+            bar.set_postfix(len=length, loss=f"{loss.item():.3f}", acc=f"{mean_acc:.3f}")
+            if advance_at is not None and mean_acc >= advance_at and stage < len(lengths) - 1:
+                stage += 1
+            recent = []
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
+    bar.close()
+    model.eval()
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_s3(
+    model: torch.nn.Module,
+    lengths: Iterable[int],
+    num_samples: int = 256,
+    seed: int = 1234,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict[int, dict[str, float]]:
+    """Accuracy by sequence length on fresh random sequences.
+
+    Returns ``{length: {"accuracy": mean over all positions, "last_accuracy": accuracy at the last position}}``.
+    The prediction is the argmax over the model's whole vocabulary. `seed` is distinct from training seeds by
+    default so that evaluation sequences are held out.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: dict[int, dict[str, float]] = {}
+    lengths = list(lengths)
+    for length in tqdm(lengths, desc="evaluate", disable=not progress, dynamic_ncols=True):
+        generator = torch.Generator().manual_seed(seed + length)
+        correct, last_correct, done = 0.0, 0.0, 0
+        while done < num_samples:
+            n = min(batch_size, num_samples - done)
+            input_ids, targets = sample_batch(n, length, generator, device)
+            hits = model(input_ids).logits.argmax(-1) == targets
+            correct += hits.float().mean(dim=1).sum().item()
+            last_correct += hits[:, -1].float().sum().item()
+            done += n
+        results[length] = {"accuracy": correct / num_samples, "last_accuracy": last_correct / num_samples}
+    model.train(was_training)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+
+
+def results_table(
+    results_by_model: Mapping[str, Mapping[int, Mapping[str, float]]], train_length: int | None = None
+) -> str:
+    """Markdown table: one row per model, one column per length, cells "all-position % / last-position %"."""
+    lengths = sorted({n for results in results_by_model.values() for n in results})
+    def header(n: int) -> str:
+        return f"{n}{' (train)' if n == train_length else ''}"
+    lines = [
+        "| model | " + " | ".join(header(n) for n in lengths) + " |",
+        "|---|" + "---|" * len(lengths),
+    ]
+    for name, results in results_by_model.items():
+        cells = []
+        for n in lengths:
+            r = results.get(n)
+            cells.append("–" if r is None else f"{100 * r['accuracy']:.1f} / {100 * r['last_accuracy']:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Cells: accuracy over all positions % / accuracy at the last position %; chance is 16.7%.")
+    return "\n".join(lines)
+
+
+def plot_s3(
+    results_by_model: Mapping[str, Mapping[int, Mapping[str, float]]],
+    path: str | Path,
+    train_length: int | None = None,
+    title: str = "S3 state tracking: accuracy vs sequence length",
+) -> Path:
+    """PNG of all-position accuracy vs length per model, with chance level and a dashed line at `train_length`."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, results in results_by_model.items():
+        lengths = sorted(results)
+        ax.plot(lengths, [100 * results[n]["accuracy"] for n in lengths], marker="o", label=name)
+    ax.axhline(100 / NUM_ELEMENTS, color="grey", linestyle=":", linewidth=1, label="chance (16.7%)")
+    if train_length is not None:
+        ax.axvline(train_length, color="black", linestyle="--", linewidth=1, label=f"training length {train_length}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("accuracy over all positions (%)")
+    ax.set_ylim(0, 102)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_results(results_by_model: Mapping[str, Mapping[int, Mapping[str, float]]], path: str | Path, **extra) -> Path:
+    """JSON with the results (lengths as strings, JSON keys) and any `extra` metadata."""
+    path = Path(path)
+    payload = {"results": {m: {str(n): r for n, r in res.items()} for m, res in results_by_model.items()}, **extra}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- oracle
+
+
+class OracleS3(torch.nn.Module):
+    """A module whose logits put all mass on the true running product: evaluation's 100% reference (tests)."""
+
+    def __init__(self, vocab_size: int = NUM_ELEMENTS) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids: torch.Tensor):
+        products = running_products(input_ids)
+        logits = F.one_hot(products, self.vocab_size).float() * 10.0 + self.dummy
+        return _Output(logits)
+
+
+@dataclass
+class _Output:
+    logits: torch.Tensor
