@@ -21,6 +21,7 @@ All torch backends compute in float32 (float64 when v is float64) and return the
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,20 @@ def _fla_ops():
     except Exception:  # ImportError, or triton failing at import time
         return None
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+
+@functools.cache
+def _fla_backward_works() -> bool:
+    """False where fla 0.6 refuses its GDN backward: Hopper with Triton 3.4 to 3.7.0 and no tilelang (fla #640).
+
+    The refusal only comes at backward time, so the check is made before choosing fla for a differentiable call.
+    """
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except ImportError:  # another fla release: trust it
+        return True
+    affected = IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
+    return not affected or importlib.util.find_spec("tilelang") is not None
 
 
 def fla_available(device: torch.device | str) -> bool:
@@ -224,17 +239,23 @@ def _fla(q, k, v, g, beta, initial_state, cu_seqlens, use_qk_l2norm: bool, scale
 
 
 def _select_backend(backend: str | None, q, k, v, g, beta, initial_state) -> str:
+    needs_grad = _needs_grad(q, k, v, g, beta, initial_state)
     if backend is None:
-        fla_fits = v.dtype in (torch.float16, torch.bfloat16) or (
-            v.dtype == torch.float32 and not _needs_grad(q, k, v, g, beta, initial_state)
-        )
-        if fla_fits and fla_available(q.device):
+        # fla's chunk kernel runs its matmuls in TF32 (~1e-3 off in float32), so float32 training stays in torch.
+        fla_fits = v.dtype in (torch.float16, torch.bfloat16) or (v.dtype == torch.float32 and not needs_grad)
+        if fla_fits and fla_available(q.device) and not (needs_grad and not _fla_backward_works()):
             return "fla"
         return "torch_recurrent" if q.shape[1] == 1 else "torch_chunked"
     if backend not in BACKENDS:
         raise ValueError(f"gated_delta_rule: unknown backend={backend!r}, expected one of {BACKENDS} or None")
-    if backend == "fla" and not fla_available(q.device):
-        raise RuntimeError(f"gated_delta_rule: backend='fla' needs fla installed and CUDA inputs; inputs are on {q.device}")
+    if backend == "fla":
+        if not fla_available(q.device):
+            raise RuntimeError(f"gated_delta_rule: backend='fla' needs fla installed and CUDA inputs; inputs are on {q.device}")
+        if needs_grad and not _fla_backward_works():
+            raise RuntimeError(
+                "gated_delta_rule: fla refuses the GDN backward on Hopper with Triton < 3.7.1 unless tilelang is "
+                "installed (fla issue #640); use backend='torch_chunked' or upgrade Triton"
+            )
     return backend
 
 
