@@ -8,6 +8,8 @@ from typing import Any
 from transformers import PretrainedConfig
 
 MIXER_TYPES = ("m2rnn", "gated_deltanet", "full_attention")
+QK_NORM_TYPES = (None, "per_head", "full")
+BLOCK_NORM_TYPES = ("pre", "post")
 # transformers' cache only knows its own layer-type strings: both recurrent mixers are "linear_attention".
 _CACHE_LAYER_TYPE = {"m2rnn": "linear_attention", "gated_deltanet": "linear_attention", "full_attention": "full_attention"}
 
@@ -40,12 +42,25 @@ class M2RNNConfig(PretrainedConfig):
 
         linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, linear_value_head_dim,
         linear_conv_kernel_dim: the Gated DeltaNet mixer (Qwen3.5 names).
+        linear_allow_neg_eigval (`bool`, False): β = 2·sigmoid(b) instead of sigmoid(b), so the transition's
+            eigenvalues reach into [-1, 1] (OLMo-hybrid's default; an fla / lm-engine option).
+        linear_gate_before_norm (`bool`, False): output `RMSNorm(o ⊙ SiLU(z))` (lm-engine) instead of
+            `RMSNorm(o) ⊙ SiLU(z)` (fla, Qwen, OLMo).
+        linear_norm_eps (`float` or None): eps of the per-head output RMSNorm; None uses `rms_norm_eps`
+            (OLMo-hybrid fixes it at 1e-5).
 
         num_attention_heads, num_key_value_heads, head_dim: attention shapes (GQA when kv heads < heads).
         rope_parameters (`dict` or None): None for NoPE, else `{"rope_theta": float, "partial_rotary_factor": float}`;
             the rotary dims are the first `int(head_dim * partial_rotary_factor)` of each head.
         attention_output_gate: sigmoid output gate from a doubled `q_proj` (Qwen3.5 style).
-        attention_qk_norm: per-head RMSNorm on queries and keys.
+        attention_qk_norm (None, `"per_head"` or `"full"`): RMSNorm on queries and keys, per head over `head_dim`
+            (Qwen) or over the whole projection before the head split (OLMo). `True` means `"per_head"` and `False`
+            means None (older configs).
+        attention_block_norm (`"pre"` or `"post"`): block structure of the attention layers only. `"pre"`:
+            `h = x + attn(n1(x))`, `out = h + mlp(n2(h))`. `"post"` (OLMo-hybrid): `h = x + n1(attn(x))`,
+            `out = h + n2(mlp(h))`, where n1 is `input_layernorm` and n2 `post_attention_layernorm`.
+        norm_zero_centered (`bool`, False): the block norms, the final norm and the qk-norms compute `x̂·(1 + w)`
+            with w stored zero-centred (Qwen3-Next / Qwen3.5). The recurrent mixers' output norms always use `x̂·w`.
         attention_bias, attention_dropout: as usual.
 
         num_experts: 0 for dense SwiGLU MLPs; otherwise routed experts in every layer not in `mlp_only_layers`.
@@ -86,6 +101,7 @@ class M2RNNConfig(PretrainedConfig):
         max_position_embeddings: int = 4096,
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
+        norm_zero_centered: bool = False,
         # M2RNN mixer
         m2rnn_key_head_dim: int = 64,
         m2rnn_value_head_dim: int = 16,
@@ -109,13 +125,17 @@ class M2RNNConfig(PretrainedConfig):
         linear_key_head_dim: int = 256,
         linear_value_head_dim: int = 512,
         linear_conv_kernel_dim: int = 4,
+        linear_allow_neg_eigval: bool = False,
+        linear_gate_before_norm: bool = False,
+        linear_norm_eps: float | None = None,
         # attention
         num_attention_heads: int = 16,
         num_key_value_heads: int | None = None,
         head_dim: int | None = None,
         rope_parameters: dict[str, Any] | None = None,
         attention_output_gate: bool = False,
-        attention_qk_norm: bool = False,
+        attention_qk_norm: bool | str | None = None,
+        attention_block_norm: str = "pre",
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
         # MLP / MoE
@@ -143,6 +163,7 @@ class M2RNNConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.max_position_embeddings = max_position_embeddings
         self.use_cache = use_cache
+        self.norm_zero_centered = norm_zero_centered
 
         self.m2rnn_key_head_dim = m2rnn_key_head_dim
         self.m2rnn_value_head_dim = m2rnn_value_head_dim
@@ -166,13 +187,17 @@ class M2RNNConfig(PretrainedConfig):
         self.linear_key_head_dim = linear_key_head_dim
         self.linear_value_head_dim = linear_value_head_dim
         self.linear_conv_kernel_dim = linear_conv_kernel_dim
+        self.linear_allow_neg_eigval = linear_allow_neg_eigval
+        self.linear_gate_before_norm = linear_gate_before_norm
+        self.linear_norm_eps = linear_norm_eps
 
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
         self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
         self.rope_parameters = copy.deepcopy(rope_parameters)
         self.attention_output_gate = attention_output_gate
-        self.attention_qk_norm = attention_qk_norm
+        self.attention_qk_norm = {True: "per_head", False: None}.get(attention_qk_norm, attention_qk_norm)
+        self.attention_block_norm = attention_block_norm
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
 
@@ -256,6 +281,12 @@ class M2RNNConfig(PretrainedConfig):
                 self.linear_num_value_heads,
                 f"must be a multiple of linear_num_key_heads={self.linear_num_key_heads}",
             )
+        if self.linear_norm_eps is not None and not self.linear_norm_eps > 0:
+            fail("linear_norm_eps", self.linear_norm_eps, "must be a positive float or None (use rms_norm_eps)")
+        if self.attention_qk_norm not in QK_NORM_TYPES:
+            fail("attention_qk_norm", self.attention_qk_norm, f"must be one of {QK_NORM_TYPES} (True means 'per_head')")
+        if self.attention_block_norm not in BLOCK_NORM_TYPES:
+            fail("attention_block_norm", self.attention_block_norm, f"must be one of {BLOCK_NORM_TYPES}")
         if "full_attention" in self.mixer_types:
             if self.num_attention_heads % self.num_key_value_heads:
                 fail(

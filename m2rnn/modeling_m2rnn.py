@@ -35,18 +35,20 @@ from .kernels.short_conv import causal_conv1d, causal_conv1d_step
 # Norms and rotary embeddings
 # ---------------------------------------------------------------------------------------------------------------
 class M2RNNRMSNorm(nn.Module):
-    """RMSNorm with a plain weight (`x̂ · w`), computed in float32."""
+    """RMSNorm computed in float32: `x̂ · w`, or `x̂ · (1 + w)` with a zero-centred weight (Qwen)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, zero_centered: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.zero_centered = zero_centered
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if zero_centered else torch.ones(hidden_size))
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
         hidden_states = hidden_states.float()
         hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * hidden_states).to(dtype)
+        weight = 1.0 + self.weight.float() if self.zero_centered else self.weight.float()
+        return (weight * hidden_states).to(dtype)
 
 
 class M2RNNRotaryEmbedding(nn.Module):
@@ -243,7 +245,8 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 class M2RNNGatedDeltaNet(nn.Module):
     """Gated DeltaNet (gdn-checkpoint-formats.md §1): l2-normed q, k; S ← exp(g) S; S ← S + k (β(v − Sᵀk))ᵀ; o = Sᵀq;
-    out = out_proj(RMSNorm_per_head(o) ⊙ SiLU(z))."""
+    out = out_proj(RMSNorm_per_head(o) ⊙ SiLU(z)), or out_proj(RMSNorm_per_head(o ⊙ SiLU(z))) when
+    `linear_gate_before_norm`; β = sigmoid(b), doubled when `linear_allow_neg_eigval`."""
 
     def __init__(self, config: M2RNNConfig, layer_idx: int):
         super().__init__()
@@ -252,6 +255,8 @@ class M2RNNGatedDeltaNet(nn.Module):
         self.num_v_heads = config.linear_num_value_heads
         self.key_dim = config.linear_key_head_dim
         self.value_dim = config.linear_value_head_dim
+        self.beta_scale = 2.0 if config.linear_allow_neg_eigval else 1.0
+        self.gate_before_norm = config.linear_gate_before_norm
         key_total, value_total = self.num_k_heads * self.key_dim, self.num_v_heads * self.value_dim
         self.conv_dim = 2 * key_total + value_total
 
@@ -264,7 +269,8 @@ class M2RNNGatedDeltaNet(nn.Module):
         )
         self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
         self.dt_bias = nn.Parameter(torch.zeros(self.num_v_heads))
-        self.norm = M2RNNRMSNorm(self.value_dim, eps=config.rms_norm_eps)
+        norm_eps = config.linear_norm_eps if config.linear_norm_eps is not None else config.rms_norm_eps
+        self.norm = M2RNNRMSNorm(self.value_dim, eps=norm_eps)
         self.out_proj = nn.Linear(value_total, config.hidden_size, bias=False)
 
     def forward(
@@ -289,6 +295,8 @@ class M2RNNGatedDeltaNet(nn.Module):
         k = k.reshape(batch, seq_len, self.num_k_heads, self.key_dim)
         v = v.reshape(batch, seq_len, self.num_v_heads, self.value_dim)
         beta = torch.sigmoid(self.in_proj_b(hidden_states).float())
+        if self.beta_scale != 1.0:
+            beta = beta * self.beta_scale
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(hidden_states).float() + self.dt_bias.float())
         keep = _keep_mask(attention_mask, seq_len)
         if keep is not None:  # no decay and no write at padded positions
@@ -305,7 +313,7 @@ class M2RNNGatedDeltaNet(nn.Module):
                 past_key_values.update_recurrent_state(final_state, self.layer_idx)
 
         z = self.in_proj_z(hidden_states).reshape(batch, seq_len, self.num_v_heads, self.value_dim)
-        o = self.norm(o) * F.silu(z)
+        o = self.norm(o * F.silu(z)) if self.gate_before_norm else self.norm(o) * F.silu(z)
         return self.out_proj(o.reshape(batch, seq_len, -1))
 
 
@@ -334,7 +342,8 @@ def eager_attention_forward(
 
 
 class M2RNNAttention(nn.Module):
-    """Causal softmax attention: GQA, NoPE or (partial) RoPE, optional per-head qk RMSNorm and sigmoid output gate."""
+    """Causal softmax attention: GQA, NoPE or (partial) RoPE on the first dims of each head, optional qk RMSNorm
+    (per head, or over the whole projection) and sigmoid output gate (per head `[q_h | gate_h]` rows in `q_proj`)."""
 
     def __init__(self, config: M2RNNConfig, layer_idx: int):
         super().__init__()
@@ -352,11 +361,21 @@ class M2RNNAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
-        if config.attention_qk_norm:
-            self.q_norm = M2RNNRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = M2RNNRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.qk_norm = config.attention_qk_norm
+        if self.qk_norm is not None:
+            full = self.qk_norm == "full"
+            q_size = self.num_heads * self.head_dim if full else self.head_dim
+            k_size = self.num_kv_heads * self.head_dim if full else self.head_dim
+            self.q_norm = M2RNNRMSNorm(q_size, config.rms_norm_eps, config.norm_zero_centered)
+            self.k_norm = M2RNNRMSNorm(k_size, config.rms_norm_eps, config.norm_zero_centered)
         else:
             self.q_norm = self.k_norm = None
+
+    def _normalize_qk(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """qk RMSNorm on (B, S, heads, D): per head, or over each token's whole projection (`"full"`)."""
+        if self.qk_norm == "full":
+            return self.q_norm(query.flatten(-2)).view_as(query), self.k_norm(key.flatten(-2)).view_as(key)
+        return self.q_norm(query), self.k_norm(key)
 
     def forward(
         self,
@@ -373,8 +392,8 @@ class M2RNNAttention(nn.Module):
             query, gate = query.chunk(2, dim=-1)
         key = self.k_proj(hidden_states).view(batch, seq_len, self.num_kv_heads, self.head_dim)
         value = self.v_proj(hidden_states).view(batch, seq_len, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            query, key = self.q_norm(query), self.k_norm(key)
+        if self.qk_norm is not None:
+            query, key = self._normalize_qk(query, key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if position_embeddings is not None:
             cos, sin = position_embeddings
@@ -480,14 +499,21 @@ _MIXERS = {"m2rnn": M2RNNMixer, "gated_deltanet": M2RNNGatedDeltaNet, "full_atte
 
 
 class M2RNNDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x)).
+
+    Attention layers with `attention_block_norm="post"` (OLMo-hybrid) normalise the sublayer outputs instead:
+    x + input_layernorm(mixer(x)), then x + post_attention_layernorm(mlp(x)).
+    """
 
     def __init__(self, config: M2RNNConfig, layer_idx: int):
         super().__init__()
         self.mixer_type = config.mixer_types[layer_idx]
-        self.input_layernorm = M2RNNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_norm = self.mixer_type == "full_attention" and config.attention_block_norm == "post"
+        self.input_layernorm = M2RNNRMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_zero_centered)
         self.mixer = _MIXERS[self.mixer_type](config, layer_idx)
-        self.post_attention_layernorm = M2RNNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = M2RNNRMSNorm(
+            config.hidden_size, config.rms_norm_eps, config.norm_zero_centered
+        )
         if config.is_moe_layer(layer_idx):
             self.mlp = M2RNNSparseMoeBlock(config)
         else:
@@ -503,7 +529,8 @@ class M2RNNDecoderLayer(GradientCheckpointingLayer):
         **kwargs: Any,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        if not self.post_norm:
+            hidden_states = self.input_layernorm(hidden_states)
         if self.mixer_type == "full_attention":
             hidden_states, _ = self.mixer(
                 hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
@@ -513,6 +540,9 @@ class M2RNNDecoderLayer(GradientCheckpointingLayer):
             hidden_states = self.mixer(
                 hidden_states, attention_mask=attention_mask, past_key_values=past_key_values, cu_seqlens=cu_seqlens
             )
+        if self.post_norm:
+            hidden_states = residual + self.input_layernorm(hidden_states)
+            return hidden_states + self.post_attention_layernorm(self.mlp(hidden_states))
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -575,7 +605,7 @@ class M2RNNPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, M2RNNRMSNorm):
-            init.ones_(module.weight)
+            (init.zeros_ if module.zero_centered else init.ones_)(module.weight)
         elif isinstance(module, M2RNNTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, M2RNNRotaryEmbedding):
@@ -590,6 +620,15 @@ class M2RNNPreTrainedModel(PreTrainedModel):
             init.copy_(module.state_weight, torch.eye(module.value_dim).expand_as(module.state_weight))
             if module.D is not None:
                 init.ones_(module.D)
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
+        """transformers' save, plus what makes the folder load anywhere with `trust_remote_code=True`: the flat code
+        files, `auto_map` and a model card (`m2rnn.hub`)."""
+        try:  # the m2rnn package; absent where the flat trust_remote_code copy of this file runs
+            from m2rnn.hub import save_pretrained_with_hub_files
+        except ImportError:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        return save_pretrained_with_hub_files(self, super().save_pretrained, save_directory, *args, **kwargs)
 
     def _init_decay_gate(self, a_log: torch.Tensor, dt_bias: torch.Tensor) -> None:
         """A ~ U(A_init_range), dt ~ logU(dt_min, dt_max) floored, dt_bias = softplus⁻¹(dt)."""
@@ -622,7 +661,7 @@ class M2RNNModel(M2RNNPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(M2RNNDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = M2RNNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = M2RNNRMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_zero_centered)
         uses_rope = config.rope_parameters is not None and "full_attention" in config.mixer_types
         self.rotary_emb = M2RNNRotaryEmbedding(config) if uses_rope else None
         self.gradient_checkpointing = False
