@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m2rnn", description="M2RNN hybrids for Hugging Face transformers.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(subparsers)
+    from .eval.cli import add_eval_commands
+
+    add_eval_commands(subparsers)
     return parser
 
 

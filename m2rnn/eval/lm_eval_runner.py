@@ -1,0 +1,94 @@
+"""lm-eval (EleutherAI lm-evaluation-harness 0.4.13) on our models and any transformers causal LM.
+
+`m2rnn` is imported before lm-eval loads the model, so the `m2rnn` model type is registered with the Auto classes
+and a local checkpoint loads without `trust_remote_code`. lm-eval's HF backend does the rest: log-likelihoods
+from one forward pass over right-padded batches, generation through `model.generate` with left-padded batches
+and our recurrent cache.
+
+Plain lm-eval works too when the checkpoint carries `auto_map` (code on the Hub) or through
+`python -c "import m2rnn, sys; from lm_eval.__main__ import cli_evaluate; sys.exit(cli_evaluate())" ...`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .common import environment, resolve_device
+
+
+def _require_lm_eval() -> Any:
+    try:
+        import lm_eval
+    except ImportError:
+        raise ImportError(
+            "`m2rnn eval lm-eval` needs lm-eval: pip install \"m2rnn[eval]\" (or pip install lm_eval==0.4.13)"
+        ) from None
+    return lm_eval
+
+
+def parse_tasks(spec: str | Sequence[str]) -> list[str]:
+    """A comma list (or list) of lm-eval task or group names; the error names `--tasks`."""
+    tasks = [t.strip() for t in spec.split(",")] if isinstance(spec, str) else [t.strip() for t in spec]
+    tasks = [t for t in tasks if t]
+    if not tasks:
+        raise ValueError("--tasks: give at least one lm-eval task, e.g. --tasks lambada_openai,hellaswag")
+    return tasks
+
+
+def run_lm_eval(
+    model: str,
+    tasks: str | Sequence[str],
+    *,
+    batch_size: int | str = 1,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    include_path: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    max_length: int | None = None,
+    trust_remote_code: bool = False,
+    apply_chat_template: bool = False,
+    log_samples: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run `lm_eval.simple_evaluate` with the HF backend on `model` (a local folder or Hub id).
+
+    Returns lm-eval's results dict (`results`, `groups`, `versions`, `n-shot`, `higher_is_better`, `config`,
+    and `samples` when `log_samples`). `include_path` adds a folder of task YAMLs (local datasets, offline runs).
+    """
+    import m2rnn  # noqa: F401  (registers the m2rnn model type before lm-eval calls AutoModelForCausalLM)
+
+    lm_eval = _require_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    task_names = parse_tasks(tasks)
+    task_manager = TaskManager(include_path=include_path)
+    unknown = [t for t in task_names if not task_manager.match_tasks([t])]
+    if unknown:
+        where = f" (with --include-path {include_path})" if include_path else ""
+        raise ValueError(f"--tasks: lm-eval does not know {', '.join(unknown)}{where}")
+    lm = HFLM(
+        pretrained=model, backend="causal", batch_size=batch_size, device=str(resolve_device(device)),
+        dtype=dtype, max_length=max_length, trust_remote_code=trust_remote_code,
+    )
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=task_names, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
+        log_samples=log_samples, apply_chat_template=apply_chat_template, random_seed=seed,
+        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+    )
+    if results is None:  # non-zero ranks in distributed runs
+        return {}
+    results = dict(results)
+    results["m2rnn"] = {"model": model, "tasks": task_names, "limit": limit, **environment()}
+    return results
+
+
+def results_markdown(results: dict[str, Any], title: str = "lm-eval") -> str:
+    """lm-eval's own markdown tables (tasks, then groups when any)."""
+    from lm_eval.utils import make_table
+
+    text = f"# {title}: {results.get('m2rnn', {}).get('model', '')}\n\n" + make_table(results)
+    if results.get("groups"):
+        text += "\n" + make_table(results, "groups")
+    return text

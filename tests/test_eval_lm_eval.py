@@ -1,0 +1,98 @@
+"""`m2rnn eval lm-eval` end to end: a tiny saved model, two local tasks (YAML over generated JSONL), offline."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from m2rnn import M2RNNConfig, M2RNNForCausalLM  # noqa: E402
+from m2rnn.cli import main  # noqa: E402
+from m2rnn.eval.common import byte_level_tokenizer  # noqa: E402
+
+MC_TASK = """\
+task: m2rnn_toy_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+GEN_TASK = """\
+task: m2rnn_toy_generate
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{choices[answer]}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_eval")
+    torch.manual_seed(0)
+    model = M2RNNForCausalLM(M2RNNConfig.from_preset("tiny", vocab_size=260, pad_token_id=256, bos_token_id=257,
+                                                     eos_token_id=258))
+    model.save_pretrained(root / "model")
+    byte_level_tokenizer().save_pretrained(root / "model")
+    docs = [
+        {"question": "2 + 2 =", "choices": [" 4", " 5"], "answer": 0},
+        {"question": "The sky is", "choices": [" green", " blue"], "answer": 1},
+        {"question": "Cats say", "choices": [" meow", " moo", " woof"], "answer": 0},
+    ]
+    data = root / "toy.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "choice.yaml").write_text(MC_TASK.format(data=data))
+    (tasks / "generate.yaml").write_text(GEN_TASK.format(data=data))
+    return root
+
+
+def test_lm_eval_command_writes_results(setup, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = setup / "out"
+    argv = ["eval", "lm-eval", str(setup / "model"), "--tasks", "m2rnn_toy_choice,m2rnn_toy_generate",
+            "--include-path", str(setup / "tasks"), "--output-dir", str(out), "--batch-size", "2", "--device", "cpu"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    acc = results["results"]["m2rnn_toy_choice"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+    assert "exact_match,none" in results["results"]["m2rnn_toy_generate"]
+    table = (out / "results.md").read_text()
+    assert "m2rnn_toy_choice" in table and "m2rnn_toy_generate" in table
+
+    assert results["m2rnn"]["tasks"] == ["m2rnn_toy_choice", "m2rnn_toy_generate"]
+
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        main(argv)
+
+
+def test_unknown_task_is_named(setup):
+    from m2rnn.eval.lm_eval_runner import run_lm_eval
+
+    with pytest.raises(ValueError, match="no_such_task"):
+        run_lm_eval(str(setup / "model"), "no_such_task", include_path=str(setup / "tasks"), device="cpu")
