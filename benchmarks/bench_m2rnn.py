@@ -98,6 +98,20 @@ def time_decode(batch=8, heads=84) -> tuple[float, float]:
         m2rnn_decode_step_triton(*args, state)
     torch.cuda.synchronize()
     eager_us = (time.perf_counter() - start) / calls * 1e6
+    # the same launch without the wrapper: what Triton's own launch path costs
+    grid, flags = (batch * heads,), m2rnn_triton._math_flags(v.dtype)
+    y = torch.empty(batch, heads, v.shape[-1], device=DEVICE, dtype=v.dtype)
+    launch_args = (*args, state, y, *(s for x in (q[:, 0], k[:, 0], v[:, 0], f[:, 0]) for s in x.stride()[:2]))
+    launch_kwargs = dict(N=heads, NQ=1, NK=1, NV=heads, NF=heads, NW=heads, K=q.shape[-1], V=v.shape[-1],
+                         BLOCK_K=q.shape[-1], BLOCK_V=16, **flags, num_warps=2)
+    for _ in range(10):
+        m2rnn_triton._m2rnn_decode_kernel[grid](*launch_args, **launch_kwargs)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        m2rnn_triton._m2rnn_decode_kernel[grid](*launch_args, **launch_kwargs)
+    torch.cuda.synchronize()
+    print(f"decode: {eager_us:.1f} µs per wrapper call, {(time.perf_counter() - start) / calls * 1e6:.1f} µs per bare launch")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         m2rnn_decode_step_triton(*args, state)
@@ -158,8 +172,8 @@ def sweep(results: dict) -> None:
         m2rnn_triton.BLOCK_K_OVERRIDE = block_k
         rows.append(("400M fwd", f"BLOCK_K={block_k}", time_forward(*SHAPES["400M"])))
         rows.append(("B=1 fwd", f"BLOCK_K={block_k}", time_forward(*SHAPES["400M batch-1 prefill"])))
-        for chunk in (16, 32, 64):
-            if block_k == 16 and chunk != 64:
+        for chunk in (32, 64):
+            if block_k != 64 and chunk != 64:
                 continue
             m2rnn_triton.CHECKPOINT_INTERVAL = chunk
             rows.append(("400M fwd+bwd", f"BLOCK_K={block_k} C={chunk}", time_forward_backward(*SHAPES["400M"])))

@@ -32,8 +32,12 @@ def short_checkpoints(monkeypatch):
 
 
 def make_inputs(batch, seqlen, heads, key_dim, value_dim, groups=None, dtype=torch.float32, seed=0, packed=False,
-                device=DEVICE):
-    """Random inputs in a stable regime: W near identity, gates in (0.5, 1)."""
+                device=DEVICE, w_diagonal=1.0):
+    """Random inputs: W = w_diagonal·I + noise, gates in (0.5, 1).
+
+    Long sequences use w_diagonal < 1: with W near I and random inputs the recurrence can be chaotic, and then
+    any two correct implementations (fp32 with different rounding) drift apart and their gradients explode.
+    """
     nq, nk, nv, nf, nw = groups or (heads,) * 5
     g = torch.Generator().manual_seed(seed)
     lead = (batch * seqlen,) if packed else (batch, seqlen)
@@ -44,7 +48,7 @@ def make_inputs(batch, seqlen, heads, key_dim, value_dim, groups=None, dtype=tor
     q = rand(*lead, nq, key_dim, scale=key_dim**-0.5)
     k = rand(*lead, nk, key_dim, scale=0.5)
     v = rand(*lead, nv, value_dim, scale=0.5)
-    w = (torch.eye(value_dim) + 0.3 * torch.randn(nw, value_dim, value_dim, generator=g) / value_dim**0.5).to(device, dtype)
+    w = (w_diagonal * torch.eye(value_dim) + 0.3 * torch.randn(nw, value_dim, value_dim, generator=g) / value_dim**0.5).to(device, dtype)
     f = torch.sigmoid(torch.randn(*lead, nf, generator=g) + 1.5).to(device, dtype)
     h0 = (torch.randn(1 if packed else batch, heads, key_dim, value_dim, generator=g) * 0.3).to(device)
     return [q, k, v, w, f, h0]
@@ -169,7 +173,7 @@ def test_rejects_large_head_dims(key_dim, value_dim, bad):
 @pytest.mark.parametrize("clip", [None, 1.0])
 def test_bf16_real_shape(clip, monkeypatch):
     monkeypatch.setattr(m2rnn_triton, "CHECKPOINT_INTERVAL", 64)
-    inputs = make_inputs(2, 1000, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16)
+    inputs = make_inputs(2, 1000, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16, w_diagonal=0.8)
     want = run(m2rnn_recurrence_torch, [x.float() for x in inputs], gradient_clipping=clip)
     got = run(m2rnn_recurrence_triton, inputs, gradient_clipping=clip)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
@@ -203,14 +207,14 @@ def test_more_than_2_pow_32_state_elements(monkeypatch):
 @gpu
 def test_long_sequence_stable(monkeypatch):
     monkeypatch.setattr(m2rnn_triton, "CHECKPOINT_INTERVAL", 64)
-    inputs = make_inputs(1, 65536, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16)
+    inputs = make_inputs(1, 65536, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16, w_diagonal=0.8)
     y, ht, grads = run(m2rnn_recurrence_triton, inputs, gradient_clipping=1.0)
     y32, ht32, grads32 = run(m2rnn_recurrence_triton, [x.float() for x in inputs], gradient_clipping=1.0)
     for name, x in [("y", y), ("final_state", ht), *zip(NAMES, grads)]:
         assert torch.isfinite(x).all(), name
     drift = {"y": rel(y, y32), "final_state": rel(ht, ht32), **{f"d{n}": rel(a, b) for n, a, b in zip(NAMES, grads, grads32)}}
     print("S=65536 bf16-vs-fp32 drift:", {k: f"{v:.2e}" for k, v in drift.items()})
-    assert drift["y"] < 0.1
+    assert drift["y"] < 0.1 and drift["final_state"] < 0.1
 
 
 @pytest.mark.gpu

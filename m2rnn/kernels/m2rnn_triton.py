@@ -71,10 +71,27 @@ def _tanh(x, FAST_TANH: tl.constexpr):
 
 
 @triton.jit
-def _recurrence_step(h, w, k, v, f, FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One step on a float32 row block h (BLOCK_K, BLOCK_V); returns the new block and Z."""
-    z = _tanh(tl.dot(h, w, input_precision=DOT_PRECISION) + k[:, None] * v[None, :], FAST_TANH)
+def _recurrence_step(h, w_dot, k, v, f, FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One step on a float32 row block h (BLOCK_K, BLOCK_V); returns the new block and Z.
+
+    H @ W runs in w_dot's dtype (the input dtype) with float32 accumulation: for 16-bit inputs the product's
+    operands are 16-bit, which lets the compiler feed the tensor cores from registers without a trip through
+    shared memory on every step. The carry f·H itself stays float32.
+    """
+    z = _tanh(tl.dot(h.to(w_dot.dtype), w_dot, input_precision=DOT_PRECISION) + k[:, None] * v[None, :], FAST_TANH)
     return h + (1.0 - f) * (z - h), z
+
+
+@triton.jit
+def _load_step_inputs(q_base, k_base, v_base, f_base, tok, row_mask, col_mask,
+                      NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr,
+                      K: tl.constexpr, V: tl.constexpr):
+    """q_t, k_t (BLOCK_K,), v_t (BLOCK_V,) and f_t of token tok (int64), upcast to float32."""
+    q_t = tl.load(q_base + tok * (NQ * K), mask=row_mask, other=0.0).to(tl.float32)
+    k_t = tl.load(k_base + tok * (NK * K), mask=row_mask, other=0.0).to(tl.float32)
+    v_t = tl.load(v_base + tok * (NV * V), mask=col_mask, other=0.0).to(tl.float32)
+    f_t = tl.load(f_base + tok * NF).to(tl.float32)
+    return q_t, k_t, v_t, f_t
 
 
 @triton.jit
@@ -106,7 +123,7 @@ def _m2rnn_fwd_kernel(
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_H0: tl.constexpr, STORE_CHECKPOINTS: tl.constexpr,
-    FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
 ):
     """Run one (sequence, head, row block) through the whole sequence.
 
@@ -147,21 +164,19 @@ def _m2rnn_fwd_kernel(
     # Step t+1's inputs are loaded during step t; the index is clamped into the sequence so no mask is needed.
     last_tok = tl.maximum(bos + length - 1, 0)
     tok = bos
-    q_t = tl.load(q_base + tl.minimum(tok, last_tok) * (NQ * K), mask=row_mask, other=0.0).to(tl.float32)
-    k_t = tl.load(k_base + tl.minimum(tok, last_tok) * (NK * K), mask=row_mask, other=0.0).to(tl.float32)
-    v_t = tl.load(v_base + tl.minimum(tok, last_tok) * (NV * V), mask=col_mask, other=0.0).to(tl.float32)
-    f_t = tl.load(f_base + tl.minimum(tok, last_tok) * NF).to(tl.float32)
+    w_dot = w.to(STATE_DOT_DTYPE)
+    q_t, k_t, v_t, f_t = _load_step_inputs(
+        q_base, k_base, v_base, f_base, tl.minimum(tok, last_tok), row_mask, col_mask, NQ, NK, NV, NF, K, V
+    )
     for t in range(length):
         if STORE_CHECKPOINTS:
             if t % CHUNK == 0:
                 tl.store(checkpoint_ptr + ((first_chunk + t // CHUNK) * N + n) * (K * V) + state_tile, h, mask=tile_mask)
-        next_tok = tl.minimum(tok + 1, last_tok)
-        q_next = tl.load(q_base + next_tok * (NQ * K), mask=row_mask, other=0.0).to(tl.float32)
-        k_next = tl.load(k_base + next_tok * (NK * K), mask=row_mask, other=0.0).to(tl.float32)
-        v_next = tl.load(v_base + next_tok * (NV * V), mask=col_mask, other=0.0).to(tl.float32)
-        f_next = tl.load(f_base + next_tok * NF).to(tl.float32)
+        q_next, k_next, v_next, f_next = _load_step_inputs(
+            q_base, k_base, v_base, f_base, tl.minimum(tok + 1, last_tok), row_mask, col_mask, NQ, NK, NV, NF, K, V
+        )
 
-        h, _ = _recurrence_step(h, w, k_t, v_t, f_t, FAST_TANH, DOT_PRECISION)
+        h, _ = _recurrence_step(h, w_dot, k_t, v_t, f_t, FAST_TANH, DOT_PRECISION)
         y_t = tl.sum(q_t[:, None] * h, axis=0)
         tl.store(y_base + tok * (N * V), y_t.to(y_ptr.dtype.element_ty), mask=col_mask)
 
@@ -185,7 +200,7 @@ def _m2rnn_bwd_kernel(
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, CLIP: tl.constexpr,
-    FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
 ):
     """Backward of one (sequence, head, row block), chunk by chunk from the last.
 
@@ -193,7 +208,8 @@ def _m2rnn_bwd_kernel(
       dq_ptr, dk_ptr: (T, N, K) per state head (rows are disjoint across row blocks);
       dv_ptr: (⌈K/BLOCK_K⌉, T, N, V), df_ptr: (⌈K/BLOCK_K⌉, T, N), dw_ptr: (⌈K/BLOCK_K⌉, B, N, V, V);
       dh0_ptr: (B, N, K, V) float32.
-    scratch_ptr holds CHUNK recomputed states per program (rewritten for every chunk).
+    scratch_ptr holds CHUNK recomputed states per program (rewritten for every chunk). Both walks load the next
+    step's inputs before computing the current one; the recomputation repeats the forward's arithmetic exactly.
     """
     pid_bn = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -211,6 +227,7 @@ def _m2rnn_bwd_kernel(
     w_head = w_ptr + (n // (N // NW)) * V * V
     w = tl.load(w_head + cols[:, None] * V + cols[None, :], mask=w_mask, other=0.0).to(tl.float32)
     w_t = tl.load(w_head + cols[None, :] * V + cols[:, None], mask=w_mask, other=0.0).to(tl.float32)
+    w_dot = w.to(STATE_DOT_DTYPE)
 
     head_state = (b.to(tl.int64) * N + n) * (K * V)
     if HAS_DHT:
@@ -238,27 +255,30 @@ def _m2rnn_bwd_kernel(
         # (A) states before each step of the chunk, into scratch.
         h = tl.load(checkpoint_ptr + ((first_chunk + chunk) * N + n) * (K * V) + state_tile, mask=tile_mask, other=0.0)
         tl.store(scratch + block_tile, h)
+        _, k_t, v_t, f_t = _load_step_inputs(q_base, k_base, v_base, f_base, start, row_mask, col_mask, NQ, NK, NV, NF, K, V)
         for i in range(1, chunk_len):
-            tok = start + i - 1
-            k_t = tl.load(k_base + tok * (NK * K), mask=row_mask, other=0.0).to(tl.float32)
-            v_t = tl.load(v_base + tok * (NV * V), mask=col_mask, other=0.0).to(tl.float32)
-            f_t = tl.load(f_base + tok * NF).to(tl.float32)
-            h, _ = _recurrence_step(h, w, k_t, v_t, f_t, FAST_TANH, DOT_PRECISION)
+            _, k_next, v_next, f_next = _load_step_inputs(
+                q_base, k_base, v_base, f_base, start + i, row_mask, col_mask, NQ, NK, NV, NF, K, V
+            )
+            h, _ = _recurrence_step(h, w_dot, k_t, v_t, f_t, FAST_TANH, DOT_PRECISION)
             tl.store(scratch + i * (BLOCK_K * BLOCK_V) + block_tile, h)
+            k_t, v_t, f_t = k_next, v_next, f_next
         tl.debug_barrier()
 
         # (B) walk the chunk backwards.
+        tok = start + chunk_len - 1
+        h_prev = tl.load(scratch + (chunk_len - 1) * (BLOCK_K * BLOCK_V) + block_tile)
+        q_t, k_t, v_t, f_t = _load_step_inputs(q_base, k_base, v_base, f_base, tok, row_mask, col_mask, NQ, NK, NV, NF, K, V)
+        dy_t = tl.load(dy_base + tok * (N * V), mask=col_mask, other=0.0).to(tl.float32)
         for i_from_end in range(chunk_len):
-            i = chunk_len - 1 - i_from_end
-            tok = start + i
-            h_prev = tl.load(scratch + i * (BLOCK_K * BLOCK_V) + block_tile)
-            q_t = tl.load(q_base + tok * (NQ * K), mask=row_mask, other=0.0).to(tl.float32)
-            k_t = tl.load(k_base + tok * (NK * K), mask=row_mask, other=0.0).to(tl.float32)
-            v_t = tl.load(v_base + tok * (NV * V), mask=col_mask, other=0.0).to(tl.float32)
-            f_t = tl.load(f_base + tok * NF).to(tl.float32)
-            dy_t = tl.load(dy_base + tok * (N * V), mask=col_mask, other=0.0).to(tl.float32)
+            i_next = tl.maximum(chunk_len - 2 - i_from_end, 0)
+            h_prev_next = tl.load(scratch + i_next * (BLOCK_K * BLOCK_V) + block_tile)
+            q_next, k_next, v_next, f_next = _load_step_inputs(
+                q_base, k_base, v_base, f_base, start + i_next, row_mask, col_mask, NQ, NK, NV, NF, K, V
+            )
+            dy_next = tl.load(dy_base + (start + i_next) * (N * V), mask=col_mask, other=0.0).to(tl.float32)
 
-            h_cur, z = _recurrence_step(h_prev, w, k_t, v_t, f_t, FAST_TANH, DOT_PRECISION)
+            h_cur, z = _recurrence_step(h_prev, w_dot, k_t, v_t, f_t, FAST_TANH, DOT_PRECISION)
             tl.store(dq_ptr + tok * (N * K) + dqk_base, tl.sum(h_cur * dy_t[None, :], axis=1), mask=row_mask)
 
             if CLIP:
@@ -272,6 +292,9 @@ def _m2rnn_bwd_kernel(
             tl.store(dk_ptr + tok * (N * K) + dqk_base, tl.sum(dx * v_t[None, :], axis=1), mask=row_mask)
             tl.store(dv_ptr + ((partial_token + tok) * N + n) * V + cols, tl.sum(dx * k_t[:, None], axis=0), mask=col_mask)
             dw_acc += tl.dot(tl.trans(h_prev), dx, input_precision=DOT_PRECISION)
+
+            tok = start + i_next
+            h_prev, q_t, k_t, v_t, f_t, dy_t = h_prev_next, q_next, k_next, v_next, f_next, dy_next
         tl.debug_barrier()
 
     if STORE_DH0:
@@ -291,7 +314,7 @@ def _m2rnn_decode_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_fb, stride_fh,
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
 ):
     """One step for one (sequence, head): state (B, N, K, V) float32 read and written in place, y (B, N, V).
 
@@ -318,7 +341,7 @@ def _m2rnn_decode_kernel(
     v = tl.load(v_ptr + b * stride_vb + (n // (N // NV)) * stride_vh + cols, mask=col_mask, other=0.0).to(tl.float32)
     f = tl.load(f_ptr + b * stride_fb + (n // (N // NF)) * stride_fh).to(tl.float32)
 
-    h, _ = _recurrence_step(h, w, k, v, f, FAST_TANH, DOT_PRECISION)
+    h, _ = _recurrence_step(h, w.to(STATE_DOT_DTYPE), k, v, f, FAST_TANH, DOT_PRECISION)
     tl.store(state, h, mask=tile_mask)
     y = tl.sum(q[:, None] * h, axis=0)
     tl.store(y_ptr + (b * N + n) * V + cols, y.to(y_ptr.dtype.element_ty), mask=col_mask)
@@ -354,10 +377,18 @@ def _block_k(batch_heads: int, key_dim: int, device: torch.device) -> int:
     return block_k
 
 
-def _math_flags(dtype: torch.dtype) -> tuple[bool, str]:
-    """float32 inputs get exact tanh and full-precision dots; half inputs the fast approximations."""
+_STATE_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _math_flags(dtype: torch.dtype) -> dict:
+    """float32 inputs get exact tanh and full-precision dots; 16-bit inputs the fast approximations, and H @ W
+    with 16-bit operands (the state itself stays float32)."""
     exact = dtype == torch.float32 or INTERPRET
-    return (not exact), ("ieee" if dtype == torch.float32 else "tf32")
+    return dict(
+        FAST_TANH=not exact,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        STATE_DOT_DTYPE=_STATE_DOT_DTYPES.get(dtype, tl.float32),
+    )
 
 
 class _Layout:
@@ -392,7 +423,7 @@ class _Layout:
         self.k_blocks = triton.cdiv(self.key_dim, self.block_k)
         self.grid = (self.batch * heads, self.k_blocks)
         self.work_bucket = triton.next_power_of_2(self.batch * heads * self.k_blocks)
-        self.fast_tanh, self.dot_precision = _math_flags(q.dtype)
+        self.math_flags = _math_flags(q.dtype)
         self.head_counts = dict(
             N=heads, NQ=q.shape[-2], NK=k.shape[-2], NV=v.shape[-2], NF=forget.shape[-1], NW=weight.shape[0]
         )
@@ -404,7 +435,7 @@ class _Layout:
     def constexprs(self) -> dict:
         return dict(
             **self.head_counts, K=self.key_dim, V=self.value_dim, BLOCK_K=self.block_k, BLOCK_V=self.block_v,
-            CHUNK=self.chunk, IS_VARLEN=self.packed, FAST_TANH=self.fast_tanh, DOT_PRECISION=self.dot_precision,
+            CHUNK=self.chunk, IS_VARLEN=self.packed, **self.math_flags,
         )
 
 
@@ -571,11 +602,10 @@ def m2rnn_decode_step_triton(
     y = torch.empty(batch, heads, value_dim, dtype=v.dtype, device=v.device)
     block_k = max(16, triton.next_power_of_2(key_dim))
     block_v = max(16, triton.next_power_of_2(value_dim))
-    fast_tanh, dot_precision = _math_flags(v.dtype)
     _m2rnn_decode_kernel[(batch * heads,)](
         q, k, v, weight, forget, state, y,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), forget.stride(0), forget.stride(1),
         N=heads, **counts, K=key_dim, V=value_dim, BLOCK_K=block_k, BLOCK_V=block_v,
-        FAST_TANH=fast_tanh, DOT_PRECISION=dot_precision, num_warps=4 if block_k * block_v >= 2048 else 2,
+        **_math_flags(v.dtype), num_warps=4 if block_k * block_v >= 2048 else 2,
     )
     return y
