@@ -18,6 +18,6 @@ if ! python3 -c "import m2rnn" 2>"$OUT/import.log"; then
   echo "m2rnn package import failed (see import.log); kernels imported alone"
 fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,driver_version --format=csv
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/test_m2rnn_triton.py -q -s -rs 2>&1 | tee "$OUT/pytest.log"
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/test_m2rnn_triton.py -q -s -rs ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log"
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_m2rnn.py ${BENCH_ARGS:---sweep} --json "$OUT/bench.json" 2>&1 \
   | tee "$OUT/bench.log"
