@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_eval_commands
 
     add_eval_commands(subparsers)
+    from .hub import add_hub_commands
+
+    add_hub_commands(subparsers)
     return parser
 
 

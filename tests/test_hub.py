@@ -1,0 +1,339 @@
+"""Publishing: flat trust_remote_code export, model cards, and `push` against an in-process fake Hub (no network)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import httpx2
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM
+from transformers import dynamic_module_utils
+
+from m2rnn import M2RNNConfig, M2RNNForCausalLM
+from m2rnn.cli import main as cli_main
+from m2rnn.hub import (
+    AUTO_MAP,
+    FolderCheckError,
+    check_folder,
+    export_code,
+    load_without_package,
+    push_to_hub,
+    save_for_hub,
+)
+from m2rnn.model_card import CARD_MARKER, ModelCardError, render_model_card, write_model_card
+
+INPUT_IDS = [[1, 17, 42, 99, 3, 250, 7, 8]]
+CONVERSION = {
+    "source": "Qwen/Qwen3.5-0.8B",
+    "source_model_type": "qwen3_5",
+    "swapped_layers": [0, 3],
+    "init": "q/k/v and out_proj copied from the Gated DeltaNet layer, W = I.",
+    "healing": {"tokens": "50M", "dataset": "HuggingFaceFW/fineweb-edu"},
+    "datasets": ["HuggingFaceFW/fineweb-edu"],
+}
+LM_EVAL_RESULTS = {"results": {"arc_easy": {"alias": "arc_easy", "acc,none": 0.41, "acc_stderr,none": 0.01},
+                               "lambada_openai": {"perplexity,none": 35.5, "acc,none": 0.3}}}
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> M2RNNForCausalLM:
+    torch.manual_seed(0)
+    return M2RNNForCausalLM(M2RNNConfig.from_preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_model) -> torch.Tensor:
+    with torch.no_grad():
+        return tiny_model(torch.tensor(INPUT_IDS)).logits
+
+
+@pytest.fixture(scope="module")
+def hub_folder(tiny_model, tmp_path_factory) -> Path:
+    """A sharded Hub folder (the tiny model is ~0.7 MB in float32; 200KB shards make an index)."""
+    return save_for_hub(tiny_model, tmp_path_factory.mktemp("hub") / "tiny-m2rnn", max_shard_size="200KB")
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor(INPUT_IDS)).logits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flat export and the saved folder
+# ---------------------------------------------------------------------------------------------------------------
+def test_exported_code_passes_transformers_import_rules(tmp_path):
+    files = export_code()
+    assert {"configuration_m2rnn.py", "modeling_m2rnn.py", "m2rnn_kernels_m2rnn_triton.py"} <= set(files)
+    for name, source in files.items():
+        (tmp_path / name).write_text(source)
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers"}
+    for name in files:
+        # transformers' own parsers: unguarded absolute imports, and the sibling files it will copy
+        assert set(dynamic_module_utils.get_imports(tmp_path / name)) <= allowed, name
+        for sibling in dynamic_module_utils.get_relative_imports(tmp_path / name):
+            assert (tmp_path / f"{sibling}.py").is_file(), f"{name} imports .{sibling}, which is not exported"
+    assert "try:" in files["m2rnn_kernels_m2rnn_triton.py"].split("import triton\n")[0][-200:]
+
+
+def test_save_for_hub_writes_a_complete_sharded_folder(hub_folder):
+    names = {p.name for p in hub_folder.iterdir()}
+    assert {"config.json", "generation_config.json", "README.md", "model.safetensors.index.json"} <= names
+    assert len([n for n in names if n.endswith(".safetensors")]) > 1
+    assert not [n for n in names if n.startswith(".")], "temporary files left behind"
+    config = json.loads((hub_folder / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP
+    for reference in AUTO_MAP.values():
+        assert (hub_folder / f"{reference.split('.')[0]}.py").is_file()
+    check_folder(hub_folder)
+
+
+def test_save_pretrained_writes_hub_files_and_package_loads_without_remote_code(tiny_model, reference_logits, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP
+    assert (tmp_path / "plain" / "modeling_m2rnn.py").is_file()
+    assert CARD_MARKER in (tmp_path / "plain" / "README.md").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")  # no trust_remote_code: our registration
+    assert type(reloaded) is M2RNNForCausalLM
+    torch.testing.assert_close(_logits(reloaded), reference_logits, rtol=0, atol=0)
+
+
+def test_save_pretrained_keeps_a_user_readme(tiny_model, tmp_path):
+    (tmp_path / "README.md").write_text("# my own card\n")
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "# my own card\n"
+
+
+def test_save_for_hub_refuses_to_clobber_a_folder(tiny_model, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_for_hub(tiny_model, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model cards
+# ---------------------------------------------------------------------------------------------------------------
+def test_card_of_a_fresh_model_has_valid_metadata(tiny_model):
+    card = ModelCard(str(render_model_card(tiny_model.config, repo_id="me/tiny-m2rnn")))
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert data["license"] == "apache-2.0"
+    assert {"m2rnn", "custom_code", "gated-deltanet", "mixture-of-experts"} <= set(data["tags"])
+    assert "base_model" not in data
+    text = card.text
+    assert "`MGAM`" in text and "| 2 | attention |" in text  # the layer pattern and its table
+    assert "4 × 16 × 8" in text and "KV cache of" in text  # state per layer vs KV per token
+    assert "2603.14360" in text and "@article" in text
+    for snippet in ('from_pretrained("me/tiny-m2rnn", trust_remote_code=True', "Trainer(", "LoraConfig(", "lm_eval "):
+        assert snippet in text
+
+
+def test_card_of_a_converted_model_with_results(tiny_model):
+    card = ModelCard(str(render_model_card(tiny_model.config, conversion=CONVERSION, results=LM_EVAL_RESULTS,
+                                           repo_id="me/qwen-m2rnn")))
+    data = card.data
+    assert data.base_model == "Qwen/Qwen3.5-0.8B" and data.datasets == ["HuggingFaceFW/fineweb-edu"]
+    assert "converted" in data.tags
+    scores = {(r.dataset_type, r.metric_type): r.metric_value for r in data.eval_results}
+    assert scores == {("arc_easy", "acc"): 0.41, ("lambada_openai", "perplexity"): 35.5, ("lambada_openai", "acc"): 0.3}
+    assert "| 0 | M2RNN (swapped in) |" in card.text and "qwen3_5" in card.text
+    assert "| arc_easy | acc | 0.4100 | 0.0100 |" in card.text and "dataset = HuggingFaceFW/fineweb-edu" in card.text
+
+
+def test_card_reads_conversion_metadata_from_the_config():
+    config = M2RNNConfig.from_preset("tiny", conversion=CONVERSION)
+    assert ModelCard(str(render_model_card(config))).data.base_model == "Qwen/Qwen3.5-0.8B"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"conversion": {"sorce": "x/y"}}, "sorce"), ({"conversion": {"swapped_layers": "0"}}, "swapped_layers"),
+     ({"results": {"arc": "high"}}, "arc")],
+)
+def test_card_rejects_bad_inputs(tiny_model, kwargs, match):
+    with pytest.raises(ModelCardError, match=match):
+        render_model_card(tiny_model.config, **kwargs)
+
+
+def test_failed_card_write_leaves_the_readme_intact(hub_folder, tmp_path, monkeypatch):
+    readme = hub_folder / "README.md"
+    before = readme.read_text()
+    monkeypatch.setattr("m2rnn.model_card.render_model_card", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        write_model_card(hub_folder)
+    monkeypatch.undo()
+
+    def fail_replace(*args):  # the rename of the finished temporary file fails: README and folder untouched
+        raise OSError("disk full")
+
+    monkeypatch.setattr("m2rnn.hub.os.replace", fail_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_model_card(hub_folder, results=LM_EVAL_RESULTS)
+    assert readme.read_text() == before
+    assert not [p.name for p in hub_folder.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_card_prints_and_rewrites(hub_folder, tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(LM_EVAL_RESULTS))
+    assert cli_main(["card", str(hub_folder), "--results", str(results)]) == 0
+    assert "| arc_easy | acc | 0.4100 |" in capsys.readouterr().out
+    assert "## Evaluation results" not in (hub_folder / "README.md").read_text()  # printing does not write
+
+    assert cli_main(["card", str(hub_folder), "--results", str(results), "--write"]) == 0
+    card = ModelCard.load(hub_folder / "README.md")
+    assert {r.dataset_type for r in card.data.eval_results} == {"arc_easy", "lambada_openai"}
+    assert cli_main(["card", str(hub_folder), "--write"]) == 0  # a re-render keeps the results
+    assert len(ModelCard.load(hub_folder / "README.md").data.eval_results) == 3
+
+    user_folder = tmp_path / "user"
+    user_folder.mkdir()
+    for name in ("config.json",):
+        (user_folder / name).write_text((hub_folder / name).read_text())
+    (user_folder / "README.md").write_text("mine\n")
+    assert cli_main(["card", str(user_folder), "--write"]) == 1
+    assert (user_folder / "README.md").read_text() == "mine\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pushing to an in-process fake Hub
+# ---------------------------------------------------------------------------------------------------------------
+class FakeHub:
+    """The five endpoints the publishing path calls (hf-ecosystem.md §5.2), recording what it receives."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.repos: dict[str, dict] = {}
+        self.files: dict[str, dict[str, bytes]] = {}  # "repo@revision" → path → bytes
+        self.requests: list[str] = []
+        self.unknown: list[str] = []
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path
+        self.requests.append(f"{request.method} {path}")
+        if request.method == "POST" and path == "/api/repos/create":
+            body = json.loads(request.content)
+            repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
+            self.repos[repo_id] = body
+            return httpx2.Response(200, json={"url": f"{self.endpoint}/{repo_id}"})
+        if request.method == "GET" and path == "/api/agent-harnesses":  # huggingface_hub's best-effort user-agent lookup
+            return httpx2.Response(404)
+        if request.method == "POST" and path == "/api/validate-yaml":
+            return httpx2.Response(200, json={"errors": [], "warnings": []})
+        parts = path.split("/")
+        if request.method == "POST" and path.startswith("/api/models/") and parts[5] == "preupload":
+            files = json.loads(request.content)["files"]
+            return httpx2.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                        for f in files], "commitOid": "0" * 40})
+        if request.method == "POST" and path.startswith("/api/models/") and parts[5] == "branch":
+            return httpx2.Response(200, json={})
+        if request.method == "POST" and path.startswith("/api/models/") and parts[5] == "commit":
+            repo_id, revision = "/".join(parts[3:5]), "/".join(parts[6:])
+            received = self.files.setdefault(f"{repo_id}@{revision}", {})
+            for line in request.content.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    received[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            return httpx2.Response(200, json={"commitOid": "1" * 40, "commitUrl": f"{self.endpoint}/{repo_id}/commit/1"})
+        self.unknown.append(f"{request.method} {path}")
+        return httpx2.Response(404, json={"error": "not in the fake hub"})
+
+
+@contextlib.contextmanager
+def serve_fake_hub():
+    """Route huggingface_hub's HTTP client to a FakeHub; the endpoint is a refused port, so nothing escapes."""
+    endpoint = "http://127.0.0.1:9"
+    hub = FakeHub(endpoint)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_ENDPOINT", endpoint)
+        patch.setenv("HF_TOKEN", "hf_fake_token")
+        patch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+        huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub)))
+        try:
+            yield hub
+        finally:
+            huggingface_hub.set_client_factory(httpx2.Client)
+
+
+@pytest.fixture
+def fake_hub():
+    with serve_fake_hub() as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def pushed(hub_folder, tmp_path_factory) -> tuple[FakeHub, Path, dict[str, bytes]]:
+    """Push the Hub folder to a fake Hub; returns the hub, a folder holding the bytes it received, and the pushed
+    folder's bytes at push time (other tests rewrite its README later)."""
+    with serve_fake_hub() as hub:
+        info = push_to_hub(hub_folder, "me/tiny-m2rnn", private=True, endpoint=hub.endpoint)
+    assert info.oid == "1" * 40
+    sent = {path.name: path.read_bytes() for path in hub_folder.iterdir()}
+    received = tmp_path_factory.mktemp("received")
+    for name, content in hub.files["me/tiny-m2rnn@main"].items():
+        (received / name).write_bytes(content)
+    return hub, received, sent
+
+
+def test_push_uploads_every_file_of_the_folder(pushed):
+    hub, received, sent = pushed
+    assert hub.unknown == [] and hub.repos["me/tiny-m2rnn"].get("visibility") == "private"
+    assert {path.name: path.read_bytes() for path in received.iterdir()} == sent
+    card = ModelCard((received / "README.md").read_text())
+    assert "m2rnn" in card.data.tags and 'from_pretrained("me/tiny-m2rnn"' in card.text
+
+
+def test_pushed_files_load_without_the_package(pushed, reference_logits):
+    """The received folder (byte-identical to the saved one) loads in a `python -I` child, run from another
+    directory, where `import m2rnn` and `import triton` fail, with logits equal to the original model's."""
+    _, received, _ = pushed
+    logits = load_without_package(received, INPUT_IDS)
+    torch.testing.assert_close(logits, reference_logits, rtol=0, atol=0)
+
+
+def test_cli_push_to_a_branch(hub_folder, fake_hub, capsys):
+    code = cli_main(["push", str(hub_folder), "me/tiny-m2rnn", "--revision", "v1", "--commit-message", "first"])
+    assert code == 0, capsys.readouterr().err
+    assert "POST /api/models/me/tiny-m2rnn/branch/v1" in fake_hub.requests
+    assert "config.json" in fake_hub.files["me/tiny-m2rnn@v1"]
+
+
+@pytest.mark.parametrize("damage", ["drop_tensor", "wrong_shape", "truncated_shard", "no_auto_map", "pickle"])
+def test_push_refuses_a_folder_that_does_not_load(tiny_model, tmp_path, fake_hub, damage, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_for_hub(tiny_model, tmp_path / "broken")
+    weights = folder / "model.safetensors"
+    state = load_file(weights)
+    if damage == "drop_tensor":
+        state.pop("model.layers.0.mixer.state_weight")
+        save_file(state, weights, metadata={"format": "pt"})
+        match = "model.layers.0.mixer.state_weight.*missing"
+    elif damage == "wrong_shape":
+        state["model.norm.weight"] = torch.ones(3)
+        save_file(state, weights, metadata={"format": "pt"})
+        match = "model.norm.weight.*shape"
+    elif damage == "truncated_shard":
+        weights.write_bytes(weights.read_bytes()[:1000])
+        match = "model.safetensors: not a readable safetensors file"
+    elif damage == "no_auto_map":
+        config = json.loads((folder / "config.json").read_text())
+        del config["auto_map"]
+        (folder / "config.json").write_text(json.dumps(config))
+        match = "auto_map"
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+        match = "pickled weights"
+    with pytest.raises(FolderCheckError, match=match):
+        push_to_hub(folder, "me/broken", endpoint=fake_hub.endpoint)
+    assert cli_main(["push", str(folder), "me/broken"]) == 1
+    assert "refused" in capsys.readouterr().err
+    assert fake_hub.requests == []  # nothing was sent
