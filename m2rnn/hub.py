@@ -319,12 +319,15 @@ def save_for_hub(
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would make the published folder private to its owner
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         write_code(staging)  # our save_pretrained has written them already; cheap, and sure for any PreTrainedModel
         add_auto_map(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        write_model_card(staging, config=model.config, results=results, conversion=conversion, overwrite_user_card=True)
+        (staging / "README.md").unlink(missing_ok=True)  # the card save_pretrained wrote, without results/conversion
+        write_model_card(staging, config=model.config, results=results, conversion=conversion, model_name=folder.name,
+                         overwrite_user_card=True)
         _replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -624,7 +627,7 @@ def add_hub_commands(subparsers: argparse._SubParsersAction) -> None:
     card.add_argument("--results", metavar="JSON", help="lm-eval output or {task: {metric: value}} to tabulate")
     card.add_argument("--conversion", metavar="JSON", help="conversion metadata (default: config.json's `conversion`)")
     card.add_argument("--repo-id", help="repo id used in the usage snippets (default: a placeholder)")
-    card.add_argument("--license", help=f"license id for the metadata (default: {'apache-2.0'})")
+    card.add_argument("--license", help="license id for the metadata (default: the card's, else apache-2.0)")
     card.add_argument("--write", action="store_true", help="write FOLDER/README.md instead of printing")
     card.add_argument("--force", action="store_true", help="with --write, replace a README that m2rnn did not write")
     card.set_defaults(func=_run_card)

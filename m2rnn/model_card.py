@@ -344,7 +344,7 @@ def write_model_card(
     """Render the card of the checkpoint in `folder` (its config.json unless `config` is given) into README.md.
 
     A README that m2rnn did not write is kept unless `overwrite_user_card`; returns None when it was kept. Results
-    already in a generated card are kept when no new ones are given. The card is rendered in full before anything
+    already in a generated card (and its license and datasets) are kept when no new ones are given. The card is rendered in full before anything
     is written, then written to a temporary file and renamed over README.md, so a failure leaves the old one intact.
     """
     from .hub import atomic_write_text
@@ -357,8 +357,13 @@ def write_model_card(
         from .configuration_m2rnn import M2RNNConfig
 
         config = M2RNNConfig.from_pretrained(folder)
-    if render_kwargs.get("results") is None and is_generated_card(readme):
-        render_kwargs["results"] = results_from_card(ModelCard.load(readme)) or None
+    if is_generated_card(readme):  # keep what only the previous render knew
+        previous = ModelCard.load(readme).data
+        for key, value in (("results", results_from_card(ModelCard.load(readme)) or None),
+                           ("license", previous.license), ("datasets", previous.datasets)):
+            if render_kwargs.get(key) is None:
+                render_kwargs[key] = value
+    render_kwargs.setdefault("model_name", folder.resolve().name)
     card = render_model_card(config, **render_kwargs)
     atomic_write_text(readme, str(card))
     return readme

@@ -118,6 +118,20 @@ def test_save_for_hub_refuses_to_clobber_a_folder(tiny_model, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
+def test_save_for_hub_includes_the_tokenizer(tiny_model, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4, "<unk>": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    folder = save_for_hub(tiny_model, tmp_path / "with-tokenizer", tokenizer)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
+    assert AutoTokenizer.from_pretrained(folder)("hello world")["input_ids"] == [3, 4]
+    check_folder(folder)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Model cards
 # ---------------------------------------------------------------------------------------------------------------
