@@ -90,9 +90,3 @@ def test_lm_eval_command_writes_results(setup, monkeypatch):
     with pytest.raises(FileExistsError, match="--overwrite"):
         main(argv)
 
-
-def test_unknown_task_is_named(setup):
-    from m2rnn.eval.lm_eval_runner import run_lm_eval
-
-    with pytest.raises(ValueError, match="no_such_task"):
-        run_lm_eval(str(setup / "model"), "no_such_task", include_path=str(setup / "tasks"), device="cpu")
