@@ -280,19 +280,23 @@ def save_pretrained_with_hub_files(
     is_main_process = args[0] if args else kwargs.get("is_main_process", True)
     if not is_main_process:
         return
-    write_hub_files(save_directory, model.config)
+    write_hub_files(save_directory, model.config, num_parameters=model.num_parameters())  # no meta-device rebuild
     if push:
         repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
         push_to_hub(save_directory, repo_id, **hub_kwargs)
 
 
-def write_hub_files(folder: str | os.PathLike, config: Any) -> None:
-    """Add the flat code, `auto_map` and (when no user-written README is there) the model card to a saved folder."""
+def write_hub_files(folder: str | os.PathLike, config: Any | None = None, **card_kwargs: Any) -> None:
+    """Add the flat code, `auto_map` and (when no user-written README is there) the model card to a saved folder.
+
+    Also for folders written without a model (a converter's output): `config` defaults to the folder's config.json
+    and `card_kwargs` (`conversion=`, `results=`, ...) go to `m2rnn.model_card.write_model_card`.
+    """
     from .model_card import write_model_card
 
     write_code(folder)
     add_auto_map(folder)
-    write_model_card(folder, config=config, overwrite_user_card=False)
+    write_model_card(folder, config=config, overwrite_user_card=False, **card_kwargs)
 
 
 def save_for_hub(
@@ -395,11 +399,14 @@ def _check_config(folder: Path) -> list[str]:
     if config.get("model_type") != "m2rnn":
         problems.append(f"{path}: `model_type`={config.get('model_type')!r}, expected 'm2rnn'")
     auto_map = config.get("auto_map") or {}
-    for auto_class in AUTO_MAP:
-        reference = auto_map.get(auto_class)
-        if reference is None:
-            problems.append(f"{path}: `auto_map` has no {auto_class!r} entry (save with m2rnn to add it)")
-        elif "--" not in reference and not (folder / f"{reference.rsplit('.', 1)[0]}.py").is_file():
+    missing = [auto_class for auto_class in AUTO_MAP if auto_class not in auto_map]
+    if missing:
+        problems.append(
+            f"{path}: `auto_map` lacks {missing} (save the model with m2rnn's save_pretrained, or add the code and "
+            "auto_map with m2rnn.hub.write_hub_files(folder))"
+        )
+    for auto_class, reference in auto_map.items():
+        if auto_class in AUTO_MAP and "--" not in reference and not (folder / f"{reference.rsplit('.', 1)[0]}.py").is_file():
             problems.append(f"{path}: `auto_map.{auto_class}`={reference!r} names a file that is not in the folder")
     if not problems:
         from .configuration_m2rnn import M2RNNConfig

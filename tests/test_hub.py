@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import contextlib
 import json
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from transformers import dynamic_module_utils
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
+from m2rnn import hub
 from m2rnn.cli import main as cli_main
 from m2rnn.hub import (
     AUTO_MAP,
@@ -80,6 +82,34 @@ def test_exported_code_passes_transformers_import_rules(tmp_path):
         for sibling in dynamic_module_utils.get_relative_imports(tmp_path / name):
             assert (tmp_path / f"{sibling}.py").is_file(), f"{name} imports .{sibling}, which is not exported"
     assert "try:" in files["m2rnn_kernels_m2rnn_triton.py"].split("import triton\n")[0][-200:]
+
+
+@pytest.mark.parametrize(
+    "source, match",
+    [
+        ("import some_missing_package\n", "'some_missing_package' outside `try`"),
+        ("from m2rnn.kernels import m2rnn_recurrence\n", "absolute import of 'm2rnn'"),
+        ("from . import kernels\n", "cannot be flattened"),
+        ("def kernel():\n    import triton\n", "'triton' outside `try`"),
+    ],
+)
+def test_export_refuses_code_that_would_not_load_remotely(source, match):
+    module = hub._Module("m2rnn.example", hub.PACKAGE_DIR / "example.py", False, source, ast.parse(source))
+    with pytest.raises(hub.HubExportError, match=match):
+        hub._flatten_source(module, set(), "0")
+
+
+def test_write_hub_files_completes_a_converter_folder(tiny_model, tmp_path):
+    """A converter writes config + safetensors only; `write_hub_files` adds code, auto_map and the card."""
+    from safetensors.torch import save_file
+
+    tiny_model.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, tmp_path / "model.safetensors")
+    with pytest.raises(FolderCheckError, match="auto_map"):
+        check_folder(tmp_path)
+    hub.write_hub_files(tmp_path, conversion=CONVERSION)
+    check_folder(tmp_path)
+    assert ModelCard.load(tmp_path / "README.md").data.base_model == "Qwen/Qwen3.5-0.8B"
 
 
 def test_save_for_hub_writes_a_complete_sharded_folder(hub_folder):
