@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import base64
 import contextlib
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -82,6 +83,18 @@ def test_exported_code_passes_transformers_import_rules(tmp_path):
         for sibling in dynamic_module_utils.get_relative_imports(tmp_path / name):
             assert (tmp_path / f"{sibling}.py").is_file(), f"{name} imports .{sibling}, which is not exported"
     assert "try:" in files["m2rnn_kernels_m2rnn_triton.py"].split("import triton\n")[0][-200:]
+
+
+def test_exported_triton_kernels_import_when_triton_is_present(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    package = tmp_path / "flat_m2rnn_export"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name, source in export_code().items():
+        (package / name).write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    dispatcher = importlib.import_module("flat_m2rnn_export.m2rnn_kernels_m2rnn")
+    assert dispatcher.m2rnn_recurrence_triton.__module__ == "flat_m2rnn_export.m2rnn_kernels_m2rnn_triton"
 
 
 @pytest.mark.parametrize(
