@@ -45,6 +45,9 @@ MAX_VALUE_DIM = 64
 CHECKPOINT_INTERVAL = 64
 # Pins the row block (16, 32 or 64) instead of the heuristic; for benchmarks and tests.
 BLOCK_K_OVERRIDE: int | None = None
+# Run H @ W with 16-bit operands for 16-bit inputs (the carried state stays float32). Off by default: it was
+# not yet measured on the GPU (benchmarks/RESULTS.md); tf32 operands are what was validated there.
+HALF_PRECISION_STATE_DOT = False
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -74,9 +77,9 @@ def _tanh(x, FAST_TANH: tl.constexpr):
 def _recurrence_step(h, w_dot, k, v, f, FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One step on a float32 row block h (BLOCK_K, BLOCK_V); returns the new block and Z.
 
-    H @ W runs in w_dot's dtype (the input dtype) with float32 accumulation: for 16-bit inputs the product's
-    operands are 16-bit, which lets the compiler feed the tensor cores from registers without a trip through
-    shared memory on every step. The carry f·H itself stays float32.
+    H @ W runs in w_dot's dtype with float32 accumulation: float32 (tf32/ieee) by default; 16-bit operands with
+    HALF_PRECISION_STATE_DOT, which may let the compiler feed the tensor cores from registers without a trip
+    through shared memory on every step. The carry f·H itself always stays float32.
     """
     z = _tanh(tl.dot(h.to(w_dot.dtype), w_dot, input_precision=DOT_PRECISION) + k[:, None] * v[None, :], FAST_TANH)
     return h + (1.0 - f) * (z - h), z
@@ -381,13 +384,13 @@ _STATE_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch
 
 
 def _math_flags(dtype: torch.dtype) -> dict:
-    """float32 inputs get exact tanh and full-precision dots; 16-bit inputs the fast approximations, and H @ W
-    with 16-bit operands (the state itself stays float32)."""
+    """float32 inputs get exact tanh and full-precision dots; 16-bit inputs the fast approximations (tanh.approx,
+    tf32 dots; 16-bit H @ W operands with HALF_PRECISION_STATE_DOT)."""
     exact = dtype == torch.float32 or INTERPRET
     return dict(
         FAST_TANH=not exact,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        STATE_DOT_DTYPE=_STATE_DOT_DTYPES.get(dtype, tl.float32),
+        STATE_DOT_DTYPE=_STATE_DOT_DTYPES.get(dtype, tl.float32) if HALF_PRECISION_STATE_DOT else tl.float32,
     )
 
 
