@@ -221,6 +221,9 @@ class M2RNNConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        # PretrainedConfig turns rope_parameters=None into the default RoPE (theta 10000); None means NoPE here.
+        if rope_parameters is None:
+            self.rope_parameters = None
 
     # ------------------------------------------------------------------ derived sizes
     @property
