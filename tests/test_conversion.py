@@ -287,6 +287,101 @@ def test_fla_hybrid_with_attention(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# lm-engine: a hand-written checkpoint from a patched transformers reference
+# ---------------------------------------------------------------------------------------------------------------
+class GateBeforeNorm(torch.nn.Module):
+    """lm-engine's GDN output: RMSNorm(o ⊙ SiLU(z)) · w (replaces Qwen3.5's RMSNorm(o) · w ⊙ SiLU(z))."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight, self.eps = torch.nn.Parameter(weight.detach().clone()), eps
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        x = hidden_states * torch.nn.functional.silu(gate)
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def write_lm_engine_checkpoint(folder: Path, reference: torch.nn.Module, rope_dim: int) -> None:
+    """lm-engine's native `gpt_base` format for a Qwen3.5 reference without qk-norm and with gate-first GDN norms."""
+    text = reference.config
+    heads, kv_heads, head_dim = text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    state = reference.state_dict()
+    out = {"transformer.wte.weight": state["model.embed_tokens.weight"], "transformer.ln_f.weight": state["model.norm.weight"] + 1,
+           "lm_head.weight": state["lm_head.weight"]}
+
+    def rope_last(rows: torch.Tensor) -> torch.Tensor:  # per head: Qwen's first rope_dim dims → lm-engine's last
+        per_head = rows.reshape(-1, head_dim, rows.shape[-1])
+        return torch.cat([per_head[:, rope_dim:], per_head[:, :rope_dim]], 1)
+
+    for i, layer_type in enumerate(text.layer_types):
+        src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
+        out[dst + "ln_1.weight"] = state[src + "input_layernorm.weight"] + 1
+        out[dst + "ln_2.weight"] = state[src + "post_attention_layernorm.weight"] + 1
+        gate, up = state[src + "mlp.gate_proj.weight"], state[src + "mlp.up_proj.weight"]
+        out[dst + "mlp_block.c_fc.weight"] = torch.stack([gate, up], 1).reshape(-1, gate.shape[-1])  # interleaved
+        out[dst + "mlp_block.c_proj.weight"] = state[src + "mlp.down_proj.weight"]
+        mixer = dst + "sequence_mixer."
+        if layer_type == "full_attention":
+            q, g = state[src + "self_attn.q_proj.weight"].reshape(heads, 2, head_dim, -1).unbind(1)
+            k, v = rope_last(state[src + "self_attn.k_proj.weight"]), state[src + "self_attn.v_proj.weight"]
+            q = rope_last(q.reshape(heads * head_dim, -1))
+            groups = [torch.cat([q.reshape(kv_heads, -1, q.shape[-1])[j], k[j], v.reshape(kv_heads, head_dim, -1)[j],
+                                 g.reshape(kv_heads, -1, g.shape[-1])[j]]) for j in range(kv_heads)]
+            out[mixer + "c_attn.weight"] = torch.cat(groups)
+            out[mixer + "c_proj.weight"] = state[src + "self_attn.o_proj.weight"]
+            continue
+        gdn = src + "linear_attn."
+        out[mixer + "qkv_proj.weight"] = state[gdn + "in_proj_qkv.weight"]
+        out[mixer + "ab_proj.weight"] = torch.cat([state[gdn + f"in_proj_{x}.weight"] for x in "abz"])
+        out[mixer + "decay_gate.A_log"], out[mixer + "decay_gate.dt_bias"] = state[gdn + "A_log"], state[gdn + "dt_bias"]
+        out[mixer + "qkv_conv1d.weight"] = state[gdn + "conv1d.weight"]
+        out[mixer + "o_norm.weight"], out[mixer + "o_proj.weight"] = state[gdn + "norm.weight"], state[gdn + "out_proj.weight"]
+    folder.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in out.items()}, folder / "model.safetensors")
+    gdn_block = dict(sequence_mixer_type="gated_deltanet", k_head_dim=text.linear_key_head_dim,
+                     v_head_dim=text.linear_value_head_dim, num_k_heads=text.linear_num_key_heads,
+                     num_v_heads=text.linear_num_value_heads, use_gate=True, allow_neg_eigval=False, kernel_size=4,
+                     attention_multiplier=None)
+    attention_block = dict(sequence_mixer_type="softmax_attention", num_attention_heads=heads,
+                           num_key_value_heads=kv_heads, head_dim=head_dim, attention_gate=True, add_bias=False)
+    config = dict(
+        model_type="gpt_base", architectures=["GPTBaseForCausalLM"], vocab_size=VOCAB, hidden_size=text.hidden_size,
+        num_layers=text.num_hidden_layers, normalization_function="rmsnorm", layer_norm_epsilon=text.rms_norm_eps,
+        position_embedding_type="rope", rope_theta=1e4, rope_dim=rope_dim, tie_word_embeddings=False,
+        m_emb=None, m_residual=None, m_width=None,
+        sequence_mixer_blocks=[attention_block if t == "full_attention" else gdn_block for t in text.layer_types],
+        mlp_blocks=[dict(mlp_type="MLP", intermediate_size=48, activation_function="swiglu", add_bias=False)] * len(text.layer_types),
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_lm_engine_gdn_hybrid(tmp_path):
+    """Reference: Qwen3.5 (partial RoPE on 4 of 16 dims) with qk-norms removed and gate-before-norm GDN outputs."""
+    reference = qwen3_5_text(tie=False)
+    for layer in reference.model.layers:
+        if hasattr(layer, "linear_attn"):
+            layer.linear_attn.norm = GateBeforeNorm(layer.linear_attn.norm.weight, reference.config.rms_norm_eps)
+        else:
+            layer.self_attn.q_norm = layer.self_attn.k_norm = torch.nn.Identity()
+    write_lm_engine_checkpoint(tmp_path / "lm", reference, rope_dim=4)
+    ids = random_ids()
+    ours = convert_and_load(tmp_path / "lm", tmp_path)
+    assert ours.config.linear_gate_before_norm and ours.config.rope_parameters["partial_rotary_factor"] == 0.25
+    assert_same_logits(ours, reference_logits(reference, ids), ids)
+    lm_config = json.loads((tmp_path / "lm" / "config.json").read_text())
+    with pytest.raises(ConversionError, match="m_residual"):
+        convert_checkpoint(_rewrite_config(tmp_path, "mup", lm_config, m_residual=0.5), tmp_path / "o")
+
+
+def _rewrite_config(tmp_path: Path, name: str, config: dict, **changes) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    save_file({"x": torch.zeros(1)}, folder / "model.safetensors")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Swapping layers
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("init", ["fresh", "transplant"])
@@ -347,20 +442,9 @@ def test_swap_layers_on_model_and_config(qwen3_5_dir):
 # ---------------------------------------------------------------------------------------------------------------
 # CLI and refusals
 # ---------------------------------------------------------------------------------------------------------------
-def convert_cli(argv: list[str]) -> int:
-    """`m2rnn convert ...` through the subcommand's own parser."""
-    import argparse
-
-    from m2rnn.conversion.cli import add_convert_commands
-
-    parser = argparse.ArgumentParser(prog="m2rnn")
-    add_convert_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_cli_convert_verify_swap(qwen3_5_dir, tmp_path, capsys):
-    main = convert_cli
+    from m2rnn.cli import main
+
     src, _ = qwen3_5_dir
     out = tmp_path / "cli"
     code = main(["convert", str(src), str(out), "--swap-layers", "0,2", "--init", "transplant", "--dtype", "bf16",
