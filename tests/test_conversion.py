@@ -509,3 +509,28 @@ def test_refusals(qwen3_5_dir, tmp_path):
     with pytest.raises(ConversionError, match="only 'gated_deltanet'"):
         convert_checkpoint(src, tmp_path / "o9", swap_layers=[3], progress=False)
     assert not (tmp_path / "o9").exists()
+
+
+def test_streaming_io_holds_few_tensors(qwen3_5_dir, tmp_path):
+    """The reader keeps at most two loaded tensors; the writer's shards respect the size limit and load back."""
+    from m2rnn.conversion.convert import plan_import
+    from m2rnn.conversion.io import write_sharded_safetensors
+
+    src, _ = qwen3_5_dir
+    plan, reader, _ = plan_import(src)
+    names = list(plan.tensors)[:12]
+    built = {}
+
+    def produce(name: str) -> torch.Tensor:
+        built[name] = plan.tensors[name].build(reader.get)
+        assert len(reader._cache) <= 2
+        return built[name]
+
+    specs = {n: (tuple(plan.tensors[n].build(reader.get).shape), torch.float32) for n in names}
+    files = write_sharded_safetensors(tmp_path, specs, produce, max_shard_bytes=20_000)
+    assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    loaded = {}
+    for file in files:
+        assert (tmp_path / file).stat().st_size < 20_000 + 4_096 or len(load_file(tmp_path / file)) == 1
+        loaded.update(load_file(tmp_path / file))
+    assert loaded.keys() == built.keys() and all(torch.equal(loaded[n], built[n]) for n in names)
