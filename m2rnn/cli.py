@@ -16,7 +16,9 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output-dir", default="m2rnn-demo-output", help="where results go (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="retrain both models from scratch instead of loading the shipped ones")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model with --train (default: the recipe's)")
+    p.add_argument("--steps", type=int, default=None, help="with --train: one stage of this many steps per model (default: the recipe's stages)")
+    p.add_argument("--train-seconds", type=float, default=100.0,
+                   help="with --train: at most this many seconds of training per model, 0 for no cap (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for training and evaluation data (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a seconds-long run with tiny untuned models (for tests)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -28,7 +30,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.output_dir, train=args.train, steps=args.steps, seed=args.seed, quick=args.quick,
-             progress=not args.no_progress, threads=args.threads)
+             progress=not args.no_progress, threads=args.threads, train_seconds=args.train_seconds or None)
     return 0
 
 

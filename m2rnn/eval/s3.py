@@ -167,6 +167,7 @@ def train_s3(
     progress: bool = True,
     log_every: int = 10,
     max_seconds: float | None = None,
+    stop_after: int | None = None,
     description: str = "S3",
 ) -> S3History:
     """Train `model` on S3 running products with AdamW; returns an `S3History`.
@@ -174,8 +175,8 @@ def train_s3(
     Curriculum: the run visits `curriculum_lengths(curriculum, train_length)` in order. With `advance_at`, it moves
     to the next length as soon as the mean batch accuracy of the last `log_every` steps reaches `advance_at`
     (and stays on the last length once there); without it, the steps are split evenly between the lengths.
-    The lr schedule runs over all `steps` whatever the curriculum does. `max_seconds` stops the run early (the
-    history says how many steps ran).
+    The lr schedule runs over all `steps` whatever the curriculum does. `max_seconds` and `stop_after` (a step
+    count) stop the run early, the schedule unchanged; the history says how many steps ran.
     """
     lengths = curriculum_lengths(curriculum, train_length)
     device = next(model.parameters()).device
@@ -190,7 +191,8 @@ def train_s3(
     stage, recent = 0, []
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=description, disable=not progress, dynamic_ncols=True, leave=True)
+    last = min(steps, stop_after or steps) - 1
+    bar = tqdm(range(last + 1), desc=description, disable=not progress, dynamic_ncols=True, leave=True)
     for step in bar:
         if advance_at is None:
             stage = min(len(lengths) - 1, step * len(lengths) // max(1, steps))
@@ -206,7 +208,8 @@ def train_s3(
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         recent.append(accuracy.item())
-        if (step + 1) % log_every == 0 or step == steps - 1:
+        out_of_time = max_seconds is not None and time.perf_counter() - start > max_seconds
+        if (step + 1) % log_every == 0 or step == last or out_of_time:
             mean_acc = sum(recent) / len(recent)
             history.steps.append(step + 1)
             history.lengths.append(length)
@@ -217,7 +220,7 @@ def train_s3(
             if advance_at is not None and mean_acc >= advance_at and stage < len(lengths) - 1:
                 stage += 1
             recent = []
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+        if out_of_time:
             break
     bar.close()
     model.eval()
