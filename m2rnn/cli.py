@@ -15,10 +15,12 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         "results.json, s3_accuracy.png and the saved M2RNN into --output-dir.",
     )
     p.add_argument("--output-dir", default="m2rnn-demo-output", help="where results go (default: %(default)s)")
-    p.add_argument("--train", action="store_true", help="retrain both models from scratch instead of loading the shipped ones")
-    p.add_argument("--steps", type=int, default=None, help="with --train: one stage of this many steps per model (default: the recipe's stages)")
+    p.add_argument("--train", action="store_true", help="retrain both models from scratch instead of loading them")
+    p.add_argument("--steps", type=int, default=None,
+                   help="with --train: one stage of this many steps per model (default: the recipe's stages)")
     p.add_argument("--train-seconds", type=float, default=100.0,
-                   help="with --train: at most this many seconds of training per model, 0 for no cap (default: %(default)s)")
+                   help="with --train: at most this many seconds of training per model, 0 for no cap "
+                   "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for training and evaluation data (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a seconds-long run with tiny untuned models (for tests)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -39,6 +39,7 @@ class Stage:
     curriculum: str | list[int] | None = "doubling"
     advance_at: float | None = 0.99
     warmup: int = 50
+    log_every: int = 25  # the curriculum checks the mean batch accuracy over this many steps
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Recipe:
 
 def quick_recipe(seed: int = 0) -> Recipe:
     """Seconds-long settings for tests: short sequences, few steps, few evaluation samples."""
-    quick = [Stage(steps=30, lr=3e-3, batch_size=16, curriculum=None, advance_at=None, warmup=5)]
+    quick = [Stage(steps=30, lr=3e-3, batch_size=16, curriculum=None, advance_at=None, warmup=5, log_every=10)]
     return Recipe(train_length=8, m2rnn_stages=quick, gdn_stages=list(quick), seed=seed,
                   eval_lengths=[4, 8, 16, 32], eval_samples=32)
 
@@ -118,7 +119,8 @@ def train_models(
     out = {}
     for key, make_config in (("m2rnn", m2rnn_config), ("gdn", gdn_config)):
         model = build_model(make_config(quick), recipe.seed)
-        _say(f"Training {MODEL_NAMES[key]} ({count_parameters(model):,} parameters) at length ≤ {recipe.train_length}")
+        size = f"{count_parameters(model):,} parameters"
+        _say(f"Training {MODEL_NAMES[key]} ({size}) at length ≤ {recipe.train_length}")
         started, stages = time.perf_counter(), []
         for i, stage in enumerate(recipe.stages(key)):
             left = None if seconds_per_model is None else seconds_per_model - (time.perf_counter() - started)
@@ -128,8 +130,8 @@ def train_models(
             history = s3.train_s3(
                 model, train_length=recipe.train_length, steps=stage.steps, stop_after=stage.stop_after,
                 batch_size=stage.batch_size, lr=stage.lr, schedule=stage.schedule, curriculum=stage.curriculum,
-                advance_at=stage.advance_at, warmup=stage.warmup, seed=recipe.seed, max_seconds=left,
-                progress=progress, description=f"train {key} stage {i + 1}",
+                advance_at=stage.advance_at, warmup=stage.warmup, log_every=stage.log_every, seed=recipe.seed,
+                max_seconds=left, progress=progress, description=f"train {key} stage {i + 1}",
             )
             planned = min(stage.steps, stage.stop_after or stage.steps)
             _say(f"  stage {i + 1}: {history.steps[-1]}/{planned} steps in {history.seconds:.0f} s, reached length "

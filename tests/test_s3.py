@@ -44,7 +44,8 @@ def test_sample_batch_is_seeded():
 
 def test_element_names():
     assert s3.element_name(s3.IDENTITY) == "e"
-    assert sorted(s3.element_name(i) for i in range(6)) == sorted(["e", "(0 1)", "(0 2)", "(1 2)", "(0 1 2)", "(0 2 1)"])
+    names = ["e", "(0 1)", "(0 2)", "(1 2)", "(0 1 2)", "(0 2 1)"]
+    assert sorted(s3.element_name(i) for i in range(6)) == sorted(names)
 
 
 def test_oracle_scores_100_percent():
