@@ -297,7 +297,8 @@ def plot_s3(
     train_length: int | None = None,
     title: str = "S3 state tracking: accuracy vs sequence length",
 ) -> Path:
-    """PNG of all-position accuracy vs length per model, with chance level and a dashed line at `train_length`."""
+    """PNG of accuracy vs length per model (all positions, and dotted: the last position), with chance level and a
+    dashed line at `train_length`."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -307,13 +308,18 @@ def plot_s3(
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for name, results in results_by_model.items():
         lengths = sorted(results)
-        ax.plot(lengths, [100 * results[n]["accuracy"] for n in lengths], marker="o", label=name)
+        (line,) = ax.plot(lengths, [100 * results[n]["accuracy"] for n in lengths], marker="o", label=name)
+        ax.plot(lengths, [100 * results[n]["last_accuracy"] for n in lengths], marker=".", linestyle=":",
+                linewidth=1, color=line.get_color(), label=f"{name}, last position")
     ax.axhline(100 / NUM_ELEMENTS, color="grey", linestyle=":", linewidth=1, label="chance (16.7%)")
     if train_length is not None:
         ax.axvline(train_length, color="black", linestyle="--", linewidth=1, label=f"training length {train_length}")
     ax.set_xscale("log", base=2)
+    ticks = sorted({n for results in results_by_model.values() for n in results})
+    ax.set_xticks(ticks, [str(n) for n in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("sequence length")
-    ax.set_ylabel("accuracy over all positions (%)")
+    ax.set_ylabel("accuracy (%): all positions, last position")
     ax.set_ylim(0, 102)
     ax.set_title(title)
     ax.grid(alpha=0.3)
