@@ -44,13 +44,14 @@ class Stage:
 
 @dataclass
 class Recipe:
-    """How the demo models are trained and evaluated. The defaults are the recipe of the shipped checkpoints
-    (docs/demo.md): both runs there were made on a GPU with these stages."""
+    """How the demo models are trained and evaluated. The defaults are the stages of the shipped checkpoints
+    (docs/demo.md); `stop_after` marks where a time limit stopped the original runs."""
 
     train_length: int = 32
     m2rnn_stages: list[Stage] = field(default_factory=lambda: [
         Stage(steps=5000, lr=3e-3, stop_after=4325), Stage(steps=3300, lr=1e-2, stop_after=2550)])
-    gdn_stages: list[Stage] = field(default_factory=lambda: [Stage(steps=5000, lr=1e-2)])
+    gdn_stages: list[Stage] = field(default_factory=lambda: [
+        Stage(steps=5000, lr=1e-2), Stage(steps=3300, lr=1e-2, stop_after=2100)])
     seed: int = 0
     eval_lengths: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64, 128])
     eval_samples: int = 256
