@@ -10,9 +10,8 @@ Data: the official per-task JSONL files (`input`, `context`, `answers`, `all_cla
 a local folder (`<dir>/<task>.jsonl`, `<dir>/data/<task>.jsonl` or `<dir>/data.zip`) or from the Hub dataset
 `THUDM/LongBench`'s `data.zip`.
 
-Metrics are implemented here: ROUGE-L is the LCS F1 over whitespace tokens (the `rouge` package the original
-uses computes a summary-level union-LCS variant over "."-split sentences, which can differ by a few points);
-the code similarity is difflib's ratio ×100 rounded, as `fuzzywuzzy.fuzz.ratio` without python-Levenshtein.
+Metrics are implemented here except ROUGE-L, which comes from the `rouge` package exactly as in the original
+(a summary-level union-LCS F over "."-split sentences; in the `eval` extra); the code similarity is difflib's ratio ×100 rounded, as `fuzzywuzzy.fuzz.ratio` without python-Levenshtein.
 Chinese metrics need `jieba` (`pip install jieba`).
 """
 
@@ -92,29 +91,17 @@ def qa_f1_zh(prediction: str, reference: str, **_: Any) -> float:
     return token_f1(tokens(prediction), tokens(reference))
 
 
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence (one DP row at a time)."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, start=1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
-
-
 def rouge_l(prediction: str, reference: str, **_: Any) -> float:
-    """ROUGE-L F1 over whitespace tokens (0 for an empty prediction or reference)."""
-    pred, ref = prediction.split(), reference.split()
-    if not pred or not ref:
+    """ROUGE-L F from the `rouge` package, as the original LongBench scores it (0 when the package raises,
+    e.g. on an empty prediction)."""
+    try:
+        from rouge import Rouge
+    except ImportError:
+        raise ImportError("the LongBench summarisation metric needs the rouge package: pip install 'm2rnn[eval]'") from None
+    try:
+        return Rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"]
+    except Exception:  # the original treats any failure (empty text, no words) as a score of 0
         return 0.0
-    lcs = lcs_length(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
 
 
 def rouge_l_zh(prediction: str, reference: str, **_: Any) -> float:
