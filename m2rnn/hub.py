@@ -23,7 +23,6 @@ import ast
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+
+from .utils import staged_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -320,10 +321,7 @@ def save_for_hub(
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise FileExistsError(f"save_for_hub: {folder} exists and is not empty; pass overwrite=True to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
-        staging.chmod(0o755)  # mkdtemp's 0700 would make the published folder private to its owner
+    with staged_folder(folder) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         write_code(staging)  # our save_pretrained has written them already; cheap, and sure for any PreTrainedModel
         add_auto_map(staging)
@@ -332,27 +330,7 @@ def save_for_hub(
         (staging / "README.md").unlink(missing_ok=True)  # the card save_pretrained wrote, without results/conversion
         write_model_card(staging, config=model.config, results=results, conversion=conversion, model_name=folder.name,
                          overwrite_user_card=True)
-        _replace_folder(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an existing `target` is moved aside first and removed only once the rename worked."""
-    backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, target)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

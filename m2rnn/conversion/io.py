@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+
+from ..utils import staged_folder
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -220,17 +221,5 @@ def staged_output(source: str | os.PathLike, output: str | os.PathLike, overwrit
         raise ConversionError(f"output {output} is, or lies inside, the source {source}; the source is never written")
     if output.exists() and not overwrite:
         raise ConversionError(f"output {output} already exists (pass overwrite=True / --overwrite to replace it)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.replace(output, retired / "old")
-        os.replace(staging, output)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, output)
