@@ -29,6 +29,7 @@ from .configuration_m2rnn import M2RNNConfig
 from .kernels import m2rnn_decode_step, m2rnn_recurrence
 from .kernels.gated_deltanet import gated_delta_rule, gated_delta_rule_step
 from .kernels.short_conv import causal_conv1d, causal_conv1d_step
+from .kernels.utils import expand_heads
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,13 +115,11 @@ def short_convolution(
     return out[..., -x.shape[1] :].transpose(1, 2)
 
 
-def _is_decode_step(cache: Cache | None, layer_idx: int, seq_len: int) -> bool:
-    return (
-        cache is not None
-        and seq_len == 1
-        and cache.has_previous_state(layer_idx)
-        and not cache.is_recording_past(layer_idx)
-    )
+def _cache_mode(cache: Cache | None, layer_idx: int, seq_len: int) -> tuple[bool, bool]:
+    """(resuming, decoding): the layer continues from cached states; this is a 1-token step that updates them in place."""
+    resuming = cache is not None and cache.has_previous_state(layer_idx)
+    decoding = resuming and seq_len == 1 and not cache.is_recording_past(layer_idx)
+    return resuming, decoding
 
 
 def _mask_padding(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -189,8 +188,7 @@ class M2RNNMixer(nn.Module):
         **kwargs: Any,
     ) -> torch.Tensor:
         batch, seq_len, _ = hidden_states.shape
-        decoding = _is_decode_step(past_key_values, self.layer_idx, seq_len)
-        resuming = past_key_values is not None and past_key_values.has_previous_state(self.layer_idx)
+        resuming, decoding = _cache_mode(past_key_values, self.layer_idx, seq_len)
         hidden_states = _mask_padding(hidden_states, attention_mask)
 
         qkv, x_f, gate = self.in_proj(hidden_states).split(
@@ -229,15 +227,10 @@ class M2RNNMixer(nn.Module):
                 past_key_values.update_recurrent_state(final_state, self.layer_idx)
 
         if self.use_residual:
-            y = y + self.D * _expand_heads(v, self.num_heads)
-        y = y * F.silu(_expand_heads(gate.reshape(batch, seq_len, self.num_gate_heads, self.value_dim), self.num_heads))
+            y = y + self.D * expand_heads(v, self.num_heads, 2)
+        y = y * F.silu(expand_heads(gate.reshape(batch, seq_len, self.num_gate_heads, self.value_dim), self.num_heads, 2))
         y = self.norm(y.reshape(batch, seq_len, self.num_heads * self.value_dim))
         return self.out_proj(y)
-
-
-def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, S, groups, D) → (B, S, heads, D), contiguous groups."""
-    return x if x.shape[2] == heads else x.repeat_interleave(heads // x.shape[2], dim=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,8 +275,7 @@ class M2RNNGatedDeltaNet(nn.Module):
         **kwargs: Any,
     ) -> torch.Tensor:
         batch, seq_len, _ = hidden_states.shape
-        decoding = _is_decode_step(past_key_values, self.layer_idx, seq_len)
-        resuming = past_key_values is not None and past_key_values.has_previous_state(self.layer_idx)
+        resuming, decoding = _cache_mode(past_key_values, self.layer_idx, seq_len)
         hidden_states = _mask_padding(hidden_states, attention_mask)
 
         qkv = short_convolution(
@@ -566,10 +558,6 @@ class M2RNNCache(DynamicCache):
         if any(isinstance(layer, CacheLayerMixin) for layer in self.layers):
             return super().get_seq_length(layer_idx)
         return self.seen_tokens
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for layer in self.layers:
-            layer.reorder_cache(beam_idx)
 
 
 # ---------------------------------------------------------------------------------------------------------------

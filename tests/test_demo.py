@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from m2rnn import cli, demo
@@ -37,8 +36,8 @@ def test_reloaded_model_is_an_auto_model(tmp_path):
     torch.testing.assert_close(model(x).logits, reloaded(x).logits)
 
 
-@pytest.mark.skipif(not demo.shipped_models_available(), reason="no shipped demo checkpoints")
 def test_shipped_checkpoints_load_and_run():
+    assert demo.shipped_models_available(), "the demo checkpoints must ship inside the package (m2rnn/assets/demo)"
     models = demo.load_shipped_models()
     assert set(models) == {"m2rnn", "gdn"}
     for model, record in models.values():

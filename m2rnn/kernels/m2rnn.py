@@ -22,12 +22,6 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on `device` in this environment."""
-    device = torch.device(device)
-    return ["torch"] + (["triton"] if _triton_runs_on(device) else [])
-
-
 def m2rnn_recurrence(
     q: torch.Tensor,
     k: torch.Tensor,
