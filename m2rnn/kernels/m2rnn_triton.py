@@ -442,6 +442,14 @@ class _Layout:
         )
 
 
+def _prepare(q, k, v, weight, forget, initial_state, cu_seqlens, heads: int):
+    """The launch layout and the kernels' inputs: token-major q, k, v, forget; contiguous weight and h0."""
+    layout = _Layout(q, k, v, weight, forget, cu_seqlens, heads, CHECKPOINT_INTERVAL)
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    q_, k_, v_, f_ = (layout.tokens_first(x) for x in (q, k, v, forget))
+    return layout, (q_, k_, v_, weight.contiguous(), f_, h0)
+
+
 def _forward(layout: _Layout, q, k, v, weight, forget, initial_state, store_checkpoints: bool):
     """Launch the forward kernel on token-major inputs; returns y (T, N, V), final state, checkpoints."""
     device, heads, value_dim = q.device, layout.heads, layout.value_dim
@@ -503,12 +511,9 @@ class _M2RNNTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, weight, forget, initial_state, cu_seqlens, heads, gradient_clipping):
-        layout = _Layout(q, k, v, weight, forget, cu_seqlens, heads, CHECKPOINT_INTERVAL)
-        q_, k_, v_, f_ = (layout.tokens_first(x) for x in (q, k, v, forget))
-        weight_ = weight.contiguous()
-        h0 = initial_state.contiguous() if initial_state is not None else None
-        y, final_state, checkpoints = _forward(layout, q_, k_, v_, weight_, f_, h0, store_checkpoints=True)
-        ctx.save_for_backward(q_, k_, v_, weight_, f_, checkpoints)
+        layout, inputs = _prepare(q, k, v, weight, forget, initial_state, cu_seqlens, heads)
+        y, final_state, checkpoints = _forward(layout, *inputs, store_checkpoints=True)
+        ctx.save_for_backward(*inputs[:5], checkpoints)
         ctx.layout = layout
         ctx.shapes = (q.shape, k.shape, v.shape, forget.shape)
         ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
@@ -568,12 +573,8 @@ def m2rnn_recurrence_triton(
     tensors = (q, k, v, weight, forget, initial_state)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
         return _M2RNNTriton.apply(q, k, v, weight, forget, initial_state, cu_seqlens, heads, gradient_clipping)
-    layout = _Layout(q, k, v, weight, forget, cu_seqlens, heads, CHECKPOINT_INTERVAL)
-    h0 = initial_state.contiguous() if initial_state is not None else None
-    y, final_state, _ = _forward(
-        layout, *(layout.tokens_first(x) for x in (q, k, v)), weight.contiguous(), layout.tokens_first(forget), h0,
-        store_checkpoints=False,
-    )
+    layout, inputs = _prepare(q, k, v, weight, forget, initial_state, cu_seqlens, heads)
+    y, final_state, _ = _forward(layout, *inputs, store_checkpoints=False)
     return y.reshape(*q.shape[:-2], heads, v.shape[-1]), final_state
 
 
