@@ -181,16 +181,100 @@ def sweep(results: dict) -> None:
     results["sweep"] = rows
 
 
+VARIANTS = {  # name: knobs of m2rnn_triton
+    "tf32 H@W": dict(HALF_PRECISION_STATE_DOT=False, LOOP_UNROLL=1),
+    "fp16 H@W": dict(HALF_PRECISION_STATE_DOT=True, LOOP_UNROLL=1),
+    "fp16 H@W, unroll 2": dict(HALF_PRECISION_STATE_DOT=True, LOOP_UNROLL=2),
+    "fp16 H@W, unroll 4": dict(HALF_PRECISION_STATE_DOT=True, LOOP_UNROLL=4),
+    "fp16 H@W, BLOCK_K=32": dict(HALF_PRECISION_STATE_DOT=True, LOOP_UNROLL=1, BLOCK_K_OVERRIDE=32),
+    "fp16 H@W, C=16": dict(HALF_PRECISION_STATE_DOT=True, LOOP_UNROLL=1, CHECKPOINT_INTERVAL=16),
+}
+
+
+def set_knobs(**knobs) -> dict:
+    """Set module knobs of m2rnn_triton; returns the previous values."""
+    previous = {name: getattr(m2rnn_triton, name) for name in knobs}
+    for name, value in knobs.items():
+        setattr(m2rnn_triton, name, value)
+    return previous
+
+
+def variant_errors(batch=2, seqlen=1024, heads=84) -> dict:
+    """Relative error of bf16 outputs and gradients against the float32-input Triton path (exact tanh, ieee dots)."""
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(batch, seqlen, 1, 64, device=DEVICE, generator=g) / 8
+    k = torch.randn(batch, seqlen, 1, 64, device=DEVICE, generator=g) / 2
+    v = torch.randn(batch, seqlen, heads, 16, device=DEVICE, generator=g) / 2
+    w = 0.8 * torch.eye(16, device=DEVICE) + 0.075 * torch.randn(heads, 16, 16, device=DEVICE, generator=g)
+    f = torch.sigmoid(torch.randn(batch, seqlen, heads, device=DEVICE, generator=g) + 1.5)
+    dy = torch.randn(batch, seqlen, heads, 16, device=DEVICE, generator=g)
+
+    def outputs(dtype):
+        inputs = [x.to(dtype).requires_grad_() for x in (q, k, v, w, f)]
+        y, _ = m2rnn_recurrence_triton(*inputs, gradient_clipping=1.0)
+        return [y, *torch.autograd.grad(y, inputs, dy.to(dtype))]
+
+    want, got = outputs(torch.float32), outputs(torch.bfloat16)
+    names = ["y", "dq", "dk", "dv", "dw", "df"]
+    return {n: ((a.float() - b).norm() / b.norm()).item() for n, a, b in zip(names, got, want)}
+
+
+def variants(results: dict) -> None:
+    """Time each knob combination (forward, batch-1 forward, forward+backward) and measure its bf16 error."""
+    rows = []
+    for name, knobs in VARIANTS.items():
+        previous = set_knobs(**knobs)
+        try:
+            errors = variant_errors()
+            fwd = time_forward(*SHAPES["400M"])
+            prefill = time_forward(*SHAPES["400M batch-1 prefill"])
+            both = time_forward_backward(*SHAPES["400M"])
+            rows.append((name, fwd, prefill, both, errors))
+        except Exception as error:  # a variant that fails to build is reported, the others still run
+            rows.append((name, None, None, None, {"error": f"{type(error).__name__}: {str(error)[:200]}"}))
+        finally:
+            set_knobs(**previous)
+        print(rows[-1], flush=True)
+    print("\n| variant | 400M fwd ms | B=1 fwd ms | 400M fwd+bwd ms | bf16 rel. error (y, dq, dk, dv, dW, df) |")
+    print("|---|---|---|---|---|")
+    for name, fwd, prefill, both, errors in rows:
+        times = " | ".join(f"{t:.3f}" if t is not None else "failed" for t in (fwd, prefill, both))
+        print(f"| {name} | {times} | {', '.join(f'{v:.1e}' if isinstance(v, float) else v for v in errors.values())} |")
+    results["variants"] = rows
+
+
+def profile_once() -> None:
+    """One forward and one forward+backward at the 400M shape after a warm-up: a short run for ncu."""
+    inputs = make_inputs(*SHAPES["400M"], requires_grad=True)
+    for _ in range(2):
+        y, _ = m2rnn_recurrence_triton(*inputs, gradient_clipping=1.0)
+        torch.autograd.grad(y, inputs, torch.ones_like(y))
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time BLOCK_K / checkpoint-interval variants")
+    parser.add_argument("--variants", action="store_true", help="time and check the kernel knob combinations")
+    parser.add_argument("--profile", action="store_true", help="run one forward+backward (for ncu) and exit")
+    parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a knob of m2rnn.kernels.m2rnn_triton first (ints and True/False)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
+    for item in args.knob:
+        name, _, value = item.partition("=")
+        if not hasattr(m2rnn_triton, name):
+            raise SystemExit(f"--knob: m2rnn_triton has no knob named {name!r}")
+        set_knobs(**{name: int(value) if value.lstrip("-").isdigit() else value == "True"})
+    if args.profile:
+        return profile_once()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
     results: dict = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__}
     if args.sweep:
         sweep(results)
+    if args.variants:
+        variants(results)
 
     table = []
     for name, shape in SHAPES.items():

@@ -107,7 +107,11 @@ def test_matches_reference_fp32(grouping, clip):
         assert rel(unclipped[2][1], want[2][1]) > 1e-2
 
 
-def test_matches_reference_fp16():
+@pytest.mark.parametrize("half_state_dot", [False, True])
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_matches_reference_fp16(half_state_dot, unroll, monkeypatch):
+    monkeypatch.setattr(m2rnn_triton, "HALF_PRECISION_STATE_DOT", half_state_dot)
+    monkeypatch.setattr(m2rnn_triton, "LOOP_UNROLL", unroll)
     inputs = make_inputs(2, 13, 4, 16, 16, GROUPINGS["shared_qk"], dtype=torch.float16)
     inputs[-1] = inputs[-1].half()
     assert_close(run(m2rnn_recurrence_triton, inputs, gradient_clipping=0.05),
@@ -171,8 +175,10 @@ def test_rejects_large_head_dims(key_dim, value_dim, bad):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_bf16_real_shape(clip, monkeypatch):
+@pytest.mark.parametrize("half_state_dot", [False, True])
+def test_bf16_real_shape(clip, half_state_dot, monkeypatch):
     monkeypatch.setattr(m2rnn_triton, "CHECKPOINT_INTERVAL", 64)
+    monkeypatch.setattr(m2rnn_triton, "HALF_PRECISION_STATE_DOT", half_state_dot)
     inputs = make_inputs(2, 1000, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16, w_diagonal=0.8)
     want = run(m2rnn_recurrence_torch, [x.float() for x in inputs], gradient_clipping=clip)
     got = run(m2rnn_recurrence_triton, inputs, gradient_clipping=clip)

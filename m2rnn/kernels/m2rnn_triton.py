@@ -45,13 +45,19 @@ MAX_VALUE_DIM = 64
 CHECKPOINT_INTERVAL = 64
 # Pins the row block (16, 32 or 64) instead of the heuristic; for benchmarks and tests.
 BLOCK_K_OVERRIDE: int | None = None
-# Run H @ W with 16-bit operands for 16-bit inputs (the carried state stays float32). Off by default: it was
-# not yet measured on the GPU (benchmarks/RESULTS.md); tf32 operands are what was validated there.
+# Run H @ W with float16 operands (float32 accumulation) for 16-bit inputs; the carried state stays float32.
+# |H| ≤ max(1, |H_0|), so float16 keeps the 10-bit mantissa of tf32 without its range, and the tensor cores can
+# take H straight from the accumulator registers.
 HALF_PRECISION_STATE_DOT = False
+# Unroll factor of the sequential loops, so that the compiler can overlap step t's readout and stores with
+# step t+1's dependent chain.
+LOOP_UNROLL = 1
 
 
 def _autotune_configs() -> list[triton.Config]:
-    warps = [4] if INTERPRET else [1, 2, 4, 8]
+    """Warps per program to try; ``M2RNN_TRITON_NUM_WARPS=n`` pins one (profilers, reproducible timings)."""
+    pinned = os.environ.get("M2RNN_TRITON_NUM_WARPS")
+    warps = [int(pinned)] if pinned else [4] if INTERPRET else [1, 2, 4]
     return [triton.Config({}, num_warps=w, num_stages=1) for w in warps]
 
 
@@ -61,9 +67,11 @@ def _autotune_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _tanh(x, FAST_TANH: tl.constexpr):
-    """tanh in float32: the special-function unit's approximation on GPU, an exp-based exact form otherwise."""
-    if FAST_TANH:
+def _tanh(x, TANH_MODE: tl.constexpr):
+    """tanh of a float32 tensor. TANH_MODE 0: exp-based exact form (CPU interpreter, float32 inputs);
+    1: the special-function unit's approximation (`tanh.approx.f16x2` was tried: sm_90 splits it into one
+    MUFU op per element, so it saves nothing)."""
+    if TANH_MODE == 1:
         out = tl.inline_asm_elementwise(
             "tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
         )
@@ -74,14 +82,14 @@ def _tanh(x, FAST_TANH: tl.constexpr):
 
 
 @triton.jit
-def _recurrence_step(h, w_dot, k, v, f, FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _recurrence_step(h, w_dot, k, v, f, TANH_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One step on a float32 row block h (BLOCK_K, BLOCK_V); returns the new block and Z.
 
     H @ W runs in w_dot's dtype with float32 accumulation: float32 (tf32/ieee) by default; 16-bit operands with
     HALF_PRECISION_STATE_DOT, which may let the compiler feed the tensor cores from registers without a trip
     through shared memory on every step. The carry f·H itself always stays float32.
     """
-    z = _tanh(tl.dot(h.to(w_dot.dtype), w_dot, input_precision=DOT_PRECISION) + k[:, None] * v[None, :], FAST_TANH)
+    z = _tanh(tl.dot(h.to(w_dot.dtype), w_dot, input_precision=DOT_PRECISION) + k[:, None] * v[None, :], TANH_MODE)
     return h + (1.0 - f) * (z - h), z
 
 
@@ -125,8 +133,8 @@ def _m2rnn_fwd_kernel(
     seqlen, chunks_per_seq, total_tokens, work_bucket,
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_H0: tl.constexpr, STORE_CHECKPOINTS: tl.constexpr,
-    FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_H0: tl.constexpr, STORE_CHECKPOINTS: tl.constexpr, LOOP_UNROLL: tl.constexpr,
+    TANH_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
 ):
     """Run one (sequence, head, row block) through the whole sequence.
 
@@ -166,25 +174,24 @@ def _m2rnn_fwd_kernel(
 
     # Step t+1's inputs are loaded during step t; the index is clamped into the sequence so no mask is needed.
     last_tok = tl.maximum(bos + length - 1, 0)
-    tok = bos
     w_dot = w.to(STATE_DOT_DTYPE)
     q_t, k_t, v_t, f_t = _load_step_inputs(
-        q_base, k_base, v_base, f_base, tl.minimum(tok, last_tok), row_mask, col_mask, NQ, NK, NV, NF, K, V
+        q_base, k_base, v_base, f_base, tl.minimum(bos, last_tok), row_mask, col_mask, NQ, NK, NV, NF, K, V
     )
-    for t in range(length):
+    # Chunks outside, steps inside: the checkpoint store stays out of the step loop's body.
+    for chunk in range(tl.cdiv(length, CHUNK)):
         if STORE_CHECKPOINTS:
-            if t % CHUNK == 0:
-                tl.store(checkpoint_ptr + ((first_chunk + t // CHUNK) * N + n) * (K * V) + state_tile, h, mask=tile_mask)
-        q_next, k_next, v_next, f_next = _load_step_inputs(
-            q_base, k_base, v_base, f_base, tl.minimum(tok + 1, last_tok), row_mask, col_mask, NQ, NK, NV, NF, K, V
-        )
-
-        h, _ = _recurrence_step(h, w_dot, k_t, v_t, f_t, FAST_TANH, DOT_PRECISION)
-        y_t = tl.sum(q_t[:, None] * h, axis=0)
-        tl.store(y_base + tok * (N * V), y_t.to(y_ptr.dtype.element_ty), mask=col_mask)
-
-        tok += 1
-        q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
+            tl.store(checkpoint_ptr + ((first_chunk + chunk) * N + n) * (K * V) + state_tile, h, mask=tile_mask)
+        chunk_start = bos + chunk * CHUNK
+        chunk_end = tl.minimum(chunk_start + CHUNK, bos + length)
+        for tok in tl.range(chunk_start, chunk_end, loop_unroll_factor=LOOP_UNROLL):
+            q_next, k_next, v_next, f_next = _load_step_inputs(
+                q_base, k_base, v_base, f_base, tl.minimum(tok + 1, last_tok), row_mask, col_mask, NQ, NK, NV, NF, K, V
+            )
+            h, _z = _recurrence_step(h, w_dot, k_t, v_t, f_t, TANH_MODE, DOT_PRECISION)
+            y_t = tl.sum(q_t[:, None] * h, axis=0)
+            tl.store(y_base + tok * (N * V), y_t.to(y_ptr.dtype.element_ty), mask=col_mask)
+            q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
     tl.store(ht_ptr + head_state + state_tile, h, mask=tile_mask)
 
 
@@ -203,7 +210,7 @@ def _m2rnn_bwd_kernel(
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, CLIP: tl.constexpr,
-    FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
+    LOOP_UNROLL: tl.constexpr, TANH_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
 ):
     """Backward of one (sequence, head, row block), chunk by chunk from the last.
 
@@ -258,12 +265,12 @@ def _m2rnn_bwd_kernel(
         # (A) states before each step of the chunk, into scratch.
         h = tl.load(checkpoint_ptr + ((first_chunk + chunk) * N + n) * (K * V) + state_tile, mask=tile_mask, other=0.0)
         tl.store(scratch + block_tile, h)
-        _, k_t, v_t, f_t = _load_step_inputs(q_base, k_base, v_base, f_base, start, row_mask, col_mask, NQ, NK, NV, NF, K, V)
-        for i in range(1, chunk_len):
-            _, k_next, v_next, f_next = _load_step_inputs(
+        _q, k_t, v_t, f_t = _load_step_inputs(q_base, k_base, v_base, f_base, start, row_mask, col_mask, NQ, NK, NV, NF, K, V)
+        for i in tl.range(1, chunk_len, loop_unroll_factor=LOOP_UNROLL):
+            _q, k_next, v_next, f_next = _load_step_inputs(
                 q_base, k_base, v_base, f_base, start + i, row_mask, col_mask, NQ, NK, NV, NF, K, V
             )
-            h, _ = _recurrence_step(h, w_dot, k_t, v_t, f_t, FAST_TANH, DOT_PRECISION)
+            h, _z = _recurrence_step(h, w_dot, k_t, v_t, f_t, TANH_MODE, DOT_PRECISION)
             tl.store(scratch + i * (BLOCK_K * BLOCK_V) + block_tile, h)
             k_t, v_t, f_t = k_next, v_next, f_next
         tl.debug_barrier()
@@ -273,7 +280,7 @@ def _m2rnn_bwd_kernel(
         h_prev = tl.load(scratch + (chunk_len - 1) * (BLOCK_K * BLOCK_V) + block_tile)
         q_t, k_t, v_t, f_t = _load_step_inputs(q_base, k_base, v_base, f_base, tok, row_mask, col_mask, NQ, NK, NV, NF, K, V)
         dy_t = tl.load(dy_base + tok * (N * V), mask=col_mask, other=0.0).to(tl.float32)
-        for i_from_end in range(chunk_len):
+        for i_from_end in tl.range(0, chunk_len, loop_unroll_factor=LOOP_UNROLL):
             i_next = tl.maximum(chunk_len - 2 - i_from_end, 0)
             h_prev_next = tl.load(scratch + i_next * (BLOCK_K * BLOCK_V) + block_tile)
             q_next, k_next, v_next, f_next = _load_step_inputs(
@@ -281,7 +288,7 @@ def _m2rnn_bwd_kernel(
             )
             dy_next = tl.load(dy_base + (start + i_next) * (N * V), mask=col_mask, other=0.0).to(tl.float32)
 
-            h_cur, z = _recurrence_step(h_prev, w_dot, k_t, v_t, f_t, FAST_TANH, DOT_PRECISION)
+            h_cur, z = _recurrence_step(h_prev, w_dot, k_t, v_t, f_t, TANH_MODE, DOT_PRECISION)
             tl.store(dq_ptr + tok * (N * K) + dqk_base, tl.sum(h_cur * dy_t[None, :], axis=1), mask=row_mask)
 
             if CLIP:
@@ -317,7 +324,7 @@ def _m2rnn_decode_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_fb, stride_fh,
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
+    TANH_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
 ):
     """One step for one (sequence, head): state (B, N, K, V) float32 read and written in place, y (B, N, V).
 
@@ -344,7 +351,7 @@ def _m2rnn_decode_kernel(
     v = tl.load(v_ptr + b * stride_vb + (n // (N // NV)) * stride_vh + cols, mask=col_mask, other=0.0).to(tl.float32)
     f = tl.load(f_ptr + b * stride_fb + (n // (N // NF)) * stride_fh).to(tl.float32)
 
-    h, _ = _recurrence_step(h, w.to(STATE_DOT_DTYPE), k, v, f, FAST_TANH, DOT_PRECISION)
+    h, _z = _recurrence_step(h, w.to(STATE_DOT_DTYPE), k, v, f, TANH_MODE, DOT_PRECISION)
     tl.store(state, h, mask=tile_mask)
     y = tl.sum(q[:, None] * h, axis=0)
     tl.store(y_ptr + (b * N + n) * V + cols, y.to(y_ptr.dtype.element_ty), mask=col_mask)
@@ -380,17 +387,14 @@ def _block_k(batch_heads: int, key_dim: int, device: torch.device) -> int:
     return block_k
 
 
-_STATE_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
 def _math_flags(dtype: torch.dtype) -> dict:
-    """float32 inputs get exact tanh and full-precision dots; 16-bit inputs the fast approximations (tanh.approx,
-    tf32 dots; 16-bit H @ W operands with HALF_PRECISION_STATE_DOT)."""
-    exact = dtype == torch.float32 or INTERPRET
+    """float32 inputs get an exact tanh and full-precision dots; 16-bit inputs the fast approximations: tanh.approx,
+    tf32 dots (float16 H @ W operands with HALF_PRECISION_STATE_DOT). The interpreter has no inline assembly."""
+    half = dtype in (torch.float16, torch.bfloat16)
     return dict(
-        FAST_TANH=not exact,
-        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        STATE_DOT_DTYPE=_STATE_DOT_DTYPES.get(dtype, tl.float32) if HALF_PRECISION_STATE_DOT else tl.float32,
+        TANH_MODE=1 if half and not INTERPRET else 0,
+        DOT_PRECISION="tf32" if half else "ieee",
+        STATE_DOT_DTYPE=tl.float16 if half and HALF_PRECISION_STATE_DOT else tl.float32,
     )
 
 
@@ -438,7 +442,7 @@ class _Layout:
     def constexprs(self) -> dict:
         return dict(
             **self.head_counts, K=self.key_dim, V=self.value_dim, BLOCK_K=self.block_k, BLOCK_V=self.block_v,
-            CHUNK=self.chunk, IS_VARLEN=self.packed, **self.math_flags,
+            CHUNK=self.chunk, IS_VARLEN=self.packed, LOOP_UNROLL=LOOP_UNROLL, **self.math_flags,
         )
 
 

@@ -1,0 +1,143 @@
+"""Compile the M2RNN Triton kernels for Hopper (sm_90) without a GPU and count the instructions in their loops.
+
+    python benchmarks/inspect_sass.py [--kernel fwd|bwd|decode] [--dtype bf16] [--block-k 64] [--warps 1]
+                                      [--set NAME=VALUE ...] [--dump out.sass]
+
+Triton ships ptxas and cuobjdump, so a CPU machine can build the cubin that the H100 would run and show what
+each loop iteration issues: tensor-core ops (HMMA), special-function ops (MUFU: tanh), shuffles, shared-memory
+round trips and barriers. This is the free half of every tuning step (predict from the instruction mix, then
+time on the device); `--set` overrides a module knob of `m2rnn.kernels.m2rnn_triton` (e.g. TANH_PACKED=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from m2rnn.kernels import m2rnn_triton
+
+INSTRUCTION_CLASSES = {
+    "HMMA": "tensor core", "MUFU": "special function", "SHFL": "shuffle", "BAR": "barrier",
+    "LDS": "shared load", "STS": "shared store", "LDSM": "shared load (matrix)", "STSM": "shared store (matrix)",
+    "LDG": "global load", "STG": "global store", "FFMA": "fp32 fma", "FMUL": "fp32 mul", "FADD": "fp32 add",
+    "MOV": "move", "F2FP": "pack/convert", "HADD2": "fp16x2 add", "HFMA2": "fp16x2 fma", "HMUL2": "fp16x2 mul",
+}
+
+POINTER_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+def _signature(kernel_name: str, dtype: str) -> dict[str, str]:
+    """Argument types of each kernel (inputs in `dtype`, state and partial gradients float32)."""
+    x = POINTER_TYPES[dtype]
+    f32, i32 = "*fp32", "*i32"
+    if kernel_name == "fwd":
+        pointers = dict(q_ptr=x, k_ptr=x, v_ptr=x, w_ptr=x, f_ptr=x, h0_ptr=f32, y_ptr=x, ht_ptr=f32,
+                        checkpoint_ptr=f32, cu_seqlens_ptr=i32, chunk_offsets_ptr=i32)
+        scalars = dict(seqlen="i32", chunks_per_seq="i32", total_tokens="i32", work_bucket="i32")
+    elif kernel_name == "bwd":
+        pointers = dict(q_ptr=x, k_ptr=x, v_ptr=x, w_ptr=x, f_ptr=x, checkpoint_ptr=f32, dy_ptr=x, dht_ptr=f32,
+                        dq_ptr=f32, dk_ptr=f32, dv_ptr=f32, df_ptr=f32, dw_ptr=f32, dh0_ptr=f32, scratch_ptr=f32,
+                        cu_seqlens_ptr=i32, chunk_offsets_ptr=i32)
+        scalars = dict(seqlen="i32", chunks_per_seq="i32", total_tokens="i32", work_bucket="i32", clip="fp32")
+    else:
+        pointers = dict(q_ptr=x, k_ptr=x, v_ptr=x, w_ptr=x, f_ptr=x, state_ptr=f32, y_ptr=x)
+        scalars = {f"stride_{a}{b}": "i32" for a in "qkvf" for b in "bh"}
+    return {**pointers, **scalars}
+
+
+def compile_kernel(kernel_name: str, dtype: str, block_k: int, warps: int, key_dim: int = 64, value_dim: int = 16,
+                   heads: int = 84) -> triton.compiler.CompiledKernel:
+    """Build one kernel for sm_90 with the constexprs the host wrapper would pass at the paper's shape."""
+    import torch
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    jit = {"fwd": m2rnn_triton._m2rnn_fwd_kernel, "bwd": m2rnn_triton._m2rnn_bwd_kernel,
+           "decode": m2rnn_triton._m2rnn_decode_kernel}[kernel_name]
+    fn = jit.fn if hasattr(jit, "fn") and not isinstance(jit, triton.runtime.jit.JITFunction) else jit
+    constexprs = dict(N=heads, NQ=1, NK=1, NV=heads, NF=heads, NW=heads, K=key_dim, V=value_dim,
+                      BLOCK_K=block_k if kernel_name != "decode" else key_dim, BLOCK_V=max(16, value_dim),
+                      **m2rnn_triton._math_flags(torch_dtype))
+    if kernel_name != "decode":
+        constexprs.update(CHUNK=m2rnn_triton.CHECKPOINT_INTERVAL, IS_VARLEN=False, LOOP_UNROLL=m2rnn_triton.LOOP_UNROLL)
+    if kernel_name == "fwd":
+        constexprs.update(HAS_H0=False, STORE_CHECKPOINTS=True)
+    if kernel_name == "bwd":
+        constexprs.update(HAS_DHT=False, STORE_DH0=False, CLIP=True)
+    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
+    signature = {**_signature(kernel_name, dtype), **{name: "constexpr" for name in constexprs}}
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
+
+
+def disassemble(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, instruction text) of every SASS instruction, through the cuobjdump that Triton ships."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        text = subprocess.run([tool, "-sass", handle.name], capture_output=True, text=True, check=True).stdout
+    pattern = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+    return [(int(m.group(1), 16), m.group(2)) for m in pattern.finditer(text)]
+
+
+def loops(instructions: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(start, end) addresses of innermost loops: backward branches whose body holds no other backward branch."""
+    found = []
+    for address, text in instructions:
+        match = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if match and int(match.group(1), 16) < address:
+            found.append((int(match.group(1), 16), address))
+    return [(s, e) for s, e in found if not any(s < s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in found)]
+
+
+def histogram(instructions: list[tuple[int, str]], start: int, end: int) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    for address, text in instructions:
+        if start <= address <= end:
+            opcode = text.split()[1] if text.startswith("@") else text.split()[0]
+            counts[opcode.split(".")[0]] += 1
+            counts["total"] += 1
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", choices=["fwd", "bwd", "decode"], default="fwd")
+    parser.add_argument("--dtype", choices=list(POINTER_TYPES), default="bf16")
+    parser.add_argument("--block-k", type=int, default=64)
+    parser.add_argument("--warps", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a knob of m2rnn.kernels.m2rnn_triton (ints and booleans)")
+    parser.add_argument("--dump", help="write the full SASS here")
+    args = parser.parse_args()
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if not hasattr(m2rnn_triton, name):
+            raise SystemExit(f"--set: m2rnn_triton has no knob named {name!r}")
+        setattr(m2rnn_triton, name, int(value) if value.lstrip("-").isdigit() else value == "True")
+    kernel = compile_kernel(args.kernel, args.dtype, args.block_k, args.warps)
+    instructions = disassemble(kernel.asm["cubin"])
+    if args.dump:
+        with open(args.dump, "w") as out:
+            out.write("\n".join(f"{a:05x} {t}" for a, t in instructions))
+    print(f"{args.kernel} {args.dtype} BLOCK_K={args.block_k} warps={args.warps} {args.set}: "
+          f"{kernel.n_regs if hasattr(kernel, 'n_regs') else '?'} registers, "
+          f"{kernel.metadata.shared} B shared, {len(instructions)} instructions")
+    keys = ["total", *INSTRUCTION_CLASSES]
+    print("| loop | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for start, end in loops(instructions):
+        counts = histogram(instructions, start, end)
+        print(f"| {start:05x}-{end:05x} | " + " | ".join(str(counts.get(k, 0)) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
