@@ -32,7 +32,7 @@ for phase in $phases; do
         s3_pids+=($!)
       done ;;
     tests)
-      timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -rs -x ${PYTEST_ARGS:-} \
+      timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -rs ${PYTEST_ARGS:-} \
         tests/test_m2rnn_triton.py tests/test_model_gpu.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
     variants)
       timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_m2rnn.py --variants --json "$OUT/variants.json" \
