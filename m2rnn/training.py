@@ -1,0 +1,206 @@
+"""Fine-tuning helpers: PEFT target names per layer type, default LoRA targets registered with PEFT, the recipe for
+the recurrent parameters LoRA cannot wrap, and a byte-level tokenizer plus a text loader for offline examples.
+
+Nothing here is needed to train with `Trainer`: the model computes its causal-LM loss from `labels`, honours
+`num_items_in_batch`, supports gradient checkpointing and reads padding-free batches from
+`DataCollatorWithFlattening` by itself. See `docs/finetuning.md`.
+
+PEFT is optional and never imported by `import m2rnn`: `install_peft_defaults()` registers our default LoRA targets
+the moment PEFT's constants module is imported (or at once if it already is), so `LoraConfig()` without
+`target_modules` works for `model_type="m2rnn"`.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .configuration_m2rnn import M2RNNConfig
+
+# ---------------------------------------------------------------------------------------------------------------
+# PEFT target names
+# ---------------------------------------------------------------------------------------------------------------
+LORA_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "m2rnn": ("in_proj", "out_proj"),
+    "gated_deltanet": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"),
+    "full_attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "moe": ("gate_proj", "up_proj", "down_proj", "shared_expert_gate"),
+}
+"""The `nn.Linear` modules of each block kind, by the names PEFT matches (suffixes of module names).
+
+Every one is called as a module, so a LoRA delta on it reaches the output. `"all-linear"` selects all of them (and
+not `lm_head`). Not LoRA targets: each mixer's depthwise `conv1d` (its weight goes straight into the conv kernel, so
+a LoRA on it would be bypassed), and the MoE router `mlp.gate` (a bare parameter)."""
+
+DEFAULT_LORA_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "in_proj_qkv", "in_proj_z", "out_proj",
+)
+"""What `LoraConfig()` without `target_modules` adapts on an m2rnn model: every mixer's main input and output
+projections (attention q/k/v/o, M2RNN `in_proj`/`out_proj`, GDN `in_proj_qkv`/`in_proj_z`/`out_proj`)."""
+
+STATE_WEIGHT_TARGET = "mixer.state_weight"
+"""`LoraConfig(target_parameters=[STATE_WEIGHT_TARGET])` gives each M2RNN head's (V, V) recurrent weight W its own
+rank-r delta. PEFT then wraps the whole mixer in a `ParamWrapper`; the model dispatches on the stored
+`mixer_type`, not on the mixer's class, so this works, and `merge_and_unload()` folds the delta into W."""
+
+RECURRENT_PARAMETERS: tuple[str, ...] = ("A_log", "dt_bias", "D", "conv1d.weight", "norm.weight")
+"""Per-mixer parameters LoRA cannot adapt (1-D, or read directly by a kernel). Train them with
+`modules_to_save=recurrent_modules_to_save(model)` (a full trainable copy of each recurrent mixer)."""
+
+
+def lora_target_modules(config: M2RNNConfig) -> list[str]:
+    """Every LoRA-able module name present in a model of this config (the same set `"all-linear"` finds)."""
+    kinds = set(config.mixer_types)
+    kinds.add("moe" if config.num_experts else "mlp")
+    if config.num_experts and len(config.mlp_only_layers) > 0:
+        kinds.add("mlp")
+    names: list[str] = []
+    for kind in ("full_attention", "m2rnn", "gated_deltanet", "mlp", "moe"):
+        if kind in kinds:
+            names += [name for name in LORA_TARGET_MODULES[kind] if name not in names]
+    if not config.shared_expert_intermediate_size or not config.shared_expert_gated:
+        names = [name for name in names if name != "shared_expert_gate"]
+    return names
+
+
+def recurrent_modules_to_save(model: Any, mixer_types: Iterable[str] = ("m2rnn", "gated_deltanet")) -> list[str]:
+    """Names of the recurrent mixers of `model` for PEFT's `modules_to_save`, so that `A_log`, `dt_bias`, `D`, W,
+    the conv and the mixer norm train in full and are saved with the adapter.
+
+    `model` is an `M2RNNForCausalLM` or an `M2RNNModel`. Names carry the `layers.<i>.` prefix because PEFT matches
+    `modules_to_save` as plain suffixes (a bare "mixer" would also copy every attention layer).
+    """
+    mixer_types = tuple(mixer_types)
+    for kind in mixer_types:
+        if kind not in ("m2rnn", "gated_deltanet"):
+            raise ValueError(f"recurrent_modules_to_save: mixer_types has {kind!r}; expected 'm2rnn' or 'gated_deltanet'")
+    config = model.config
+    prefix = f"{model.base_model_prefix}.layers" if hasattr(model, model.base_model_prefix) else "layers"
+    return [f"{prefix}.{i}.mixer" for i, kind in enumerate(config.mixer_types) if kind in mixer_types]
+
+
+def register_peft_defaults(model_type: str = M2RNNConfig.model_type) -> None:
+    """Add our default LoRA targets to PEFT's `model_type → target_modules` mapping (imports PEFT)."""
+    from peft.utils import constants
+
+    constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(model_type, list(DEFAULT_LORA_TARGET_MODULES))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """One-shot import hook: run `callback` right after the module `name` has been executed."""
+
+    def __init__(self, name: str, callback: Callable[[], None]):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module, callback = spec.loader.exec_module, self.callback
+
+        def exec_then_callback(module: Any) -> None:
+            exec_module(module)
+            try:
+                callback()
+            except Exception as error:  # never break the user's import of PEFT
+                warnings.warn(f"m2rnn: could not register default LoRA targets with PEFT: {error!r}", stacklevel=2)
+
+        spec.loader.exec_module = exec_then_callback
+        return spec
+
+
+def install_peft_defaults() -> None:
+    """Register default LoRA targets with PEFT now if PEFT is imported, else when it is; nothing if not installed.
+
+    Importing PEFT costs a few hundred modules, so `import m2rnn` never does it itself.
+    """
+    if "peft.utils.constants" in sys.modules:
+        register_peft_defaults()
+    elif importlib.util.find_spec("peft") is not None:
+        if not any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _AfterImport("peft.utils.constants", register_peft_defaults))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A byte-level tokenizer and local text, for examples and tests that must run offline
+# ---------------------------------------------------------------------------------------------------------------
+BYTE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+BYTE_VOCAB_SIZE = len(BYTE_SPECIAL_TOKENS) + 256
+"""Ids 0–3 are pad, bos, eos, unk; ids 4–259 are the 256 byte values (so any UTF-8 text round-trips)."""
+
+
+def byte_level_tokenizer(model_max_length: int = 2048) -> Any:
+    """A `PreTrainedTokenizerFast` with one token per UTF-8 byte, built offline from the `tokenizers` library.
+
+    Good for examples and tests with tiny models (pair it with `vocab_size=BYTE_VOCAB_SIZE`, `pad_token_id=0`,
+    `bos_token_id=1`, `eos_token_id=2`); real fine-tuning uses the checkpoint's own tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = _byte_chars()
+    if set(byte_chars) != set(pre_tokenizers.ByteLevel.alphabet()):  # a tokenizers release changed the table
+        raise RuntimeError("byte_level_tokenizer: tokenizers' ByteLevel alphabet is not GPT-2's byte table")
+    vocab = {token: i for i, token in enumerate(BYTE_SPECIAL_TOKENS)}
+    vocab.update({char: len(BYTE_SPECIAL_TOKENS) + i for i, char in enumerate(byte_chars)})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_max_length=model_max_length,
+        pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+    )
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte → printable character table (the alphabet of `pre_tokenizers.ByteLevel`), indexed by byte."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
+    chars, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + shifted))
+            shifted += 1
+    return chars
+
+
+def text_documents(path: str | os.PathLike, tokenizer: Any, max_length: int = 256) -> list[dict[str, list[int]]]:
+    """Documents from a local text file, one per blank-line-separated paragraph: `<s> text </s>` token ids,
+    split into pieces of at most `max_length` tokens. Returns `[{"input_ids": [...]}, ...]` (a map-style dataset)."""
+    if max_length < 2:
+        raise ValueError(f"text_documents: max_length must be >= 2, got {max_length}")
+    with open(path, encoding="utf-8") as handle:
+        paragraphs = [p.strip() for p in handle.read().split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise ValueError(f"text_documents: {os.fspath(path)!r} has no text")
+    documents = []
+    for paragraph in paragraphs:
+        ids = [tokenizer.bos_token_id] + tokenizer(paragraph, add_special_tokens=False)["input_ids"]
+        ids.append(tokenizer.eos_token_id)
+        documents += [{"input_ids": ids[i : i + max_length]} for i in range(0, len(ids), max_length)]
+    return [doc for doc in documents if len(doc["input_ids"]) >= 2]
+
+
+__all__ = [
+    "BYTE_VOCAB_SIZE",
+    "DEFAULT_LORA_TARGET_MODULES",
+    "LORA_TARGET_MODULES",
+    "RECURRENT_PARAMETERS",
+    "STATE_WEIGHT_TARGET",
+    "byte_level_tokenizer",
+    "install_peft_defaults",
+    "lora_target_modules",
+    "recurrent_modules_to_save",
+    "register_peft_defaults",
+    "text_documents",
+]
