@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .conversion.cli import add_convert_commands
 
     add_convert_commands(subparsers)
+    from .heal.cli import add_heal_command
+
+    add_heal_command(subparsers)
     return parser
 
 
