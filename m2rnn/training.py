@@ -85,6 +85,27 @@ def recurrent_modules_to_save(model: Any, mixer_types: Iterable[str] = ("m2rnn",
     return [f"{prefix}.{i}.mixer" for i, kind in enumerate(config.mixer_types) if kind in mixer_types]
 
 
+def merge_and_unload(peft_model: Any) -> Any:
+    """`peft_model.merge_and_unload()`, then merge the LoRA layers PEFT left behind inside a `target_parameters`
+    wrapper, and return the plain model.
+
+    With W adapted through `target_parameters` and the same mixer's projections through `target_modules`, PEFT
+    0.21 merges W and unwraps the mixer but skips the modules under the wrapper: `in_proj`/`out_proj` stay LoRA
+    layers (still correct, but their adapter weights would be saved into the "merged" checkpoint).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = peft_model.merge_and_unload()
+    while True:
+        leftover = next(((n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)), None)
+        if leftover is None:
+            return model
+        name, layer = leftover
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.get_base_layer())
+
+
 def register_peft_defaults(model_type: str = M2RNNConfig.model_type) -> None:
     """Add our default LoRA targets to PEFT's `model_type → target_modules` mapping (imports PEFT)."""
     from peft.utils import constants
@@ -200,6 +221,7 @@ __all__ = [
     "byte_level_tokenizer",
     "install_peft_defaults",
     "lora_target_modules",
+    "merge_and_unload",
     "recurrent_modules_to_save",
     "register_peft_defaults",
     "text_documents",
