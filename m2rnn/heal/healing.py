@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -444,7 +445,9 @@ def attach_lora(student: M2RNNForCausalLM, layers: Sequence[int], settings: Heal
         r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
         target_modules=lora_target_names(student, layers, settings), task_type="CAUSAL_LM",
     )
-    model = get_peft_model(student, config)
+    with warnings.catch_warnings():  # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(student, config)
     if settings.new_layers == "full":
         for i in layers:
             new_mixer(student, i).requires_grad_(True)  # `student` is the model peft wraps, modified in place

@@ -18,7 +18,7 @@ import torch
 from ..modeling_m2rnn import M2RNNForCausalLM
 from ..utils import staged_folder
 from .data import HealError, TextSource, load_text_blocks
-from .healing import HealResult, HealSettings, heal
+from .healing import HealResult, HealSettings, heal, swapped_layers
 from .report import write_results
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -128,6 +128,7 @@ def heal_checkpoint(
             student_model = swap(copy.deepcopy(teacher_model), list(swap_layers), init=init, seed=settings.seed)
         except ConversionError as error:
             raise HealError(str(error)) from error
+    swapped_layers(teacher_model.config, student_model.config, settings.layers)  # fail before reading any text
     folders = [student, teacher] if student is not None else [teacher]
     tokenizer_model = resolve_tokenizer(tokenizer, folders, teacher_model.config.vocab_size)
     blocks = load_text_blocks(text, tokenizer_model, block_size, eval_fraction)

@@ -1,0 +1,310 @@
+"""Healing after `swap_layers` (m2rnn.heal): stage 1 lowers the replaced-layer MSE and moves only the new layers,
+stage 2 lowers the KL to the teacher, the CLI writes its folder and refuses to overwrite, bad input names the key.
+
+Tiny byte-level GDN hybrids (random init, initializer_range 0.1 so that the teacher's logits are far from uniform)
+on the shipped example text; one CPU thread, since these models are too small to gain from more.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2rnn import M2RNNConfig, M2RNNForCausalLM
+from m2rnn.cli import main
+from m2rnn.conversion import swap_layers
+from m2rnn.heal import (
+    HealError,
+    HealSettings,
+    TextSource,
+    byte_level_tokenizer,
+    distillation_kl,
+    heal_stage1,
+    heal_stage2,
+    load_text_blocks,
+    replaced_layer_mse,
+    swapped_layers,
+)
+from m2rnn.heal.healing import teacher_mixer_io
+
+TEXT = Path(__file__).parents[1] / "examples" / "data" / "heal" / "river_town.txt"
+SWAPPED = 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides) -> M2RNNConfig:
+    settings = dict(
+        vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        mixer_types=["gated_deltanet", "gated_deltanet", "full_attention"], initializer_range=0.1,
+        linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        num_attention_heads=2, num_key_value_heads=2, rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 1.0},
+        pad_token_id=0, eos_token_id=1,
+    )
+    return M2RNNConfig(**{**settings, **overrides})
+
+
+def tiny_teacher(seed: int = 0, **overrides) -> M2RNNForCausalLM:
+    torch.manual_seed(seed)
+    return M2RNNForCausalLM(tiny_config(**overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def blocks(tokenizer):
+    return load_text_blocks(TextSource(files=[TEXT]), tokenizer, block_size=24)
+
+
+def fast_settings(**overrides) -> HealSettings:
+    values = dict(batch_size=8, stage1_steps=50, stage1_lr=3e-3, stage2_steps=30, stage2_lr=3e-3, eval_every=1000,
+                  max_eval_blocks=8, progress=False)
+    return HealSettings(**{**values, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_stage1_feeds_the_normed_hidden_state_the_teacher_mixer_saw(blocks):
+    teacher = tiny_teacher()
+    ids = blocks.eval[:2]
+    records = teacher_mixer_io(teacher, ids, [0, SWAPPED])
+    hidden = teacher.model.embed_tokens(ids)
+    for i in (0, SWAPPED):
+        layer = teacher.model.layers[i]
+        x, y = records[i]
+        torch.testing.assert_close(x, layer.input_layernorm(hidden), rtol=0, atol=0)
+        torch.testing.assert_close(y, layer.mixer(x), rtol=0, atol=0)
+        hidden = layer(hidden)
+
+
+@pytest.fixture(scope="module")
+def stage1_run(blocks):
+    """Teacher, student before and after stage 1, and the held-out MSE before and after."""
+    teacher = tiny_teacher()
+    student = swap_layers(copy.deepcopy(teacher), [SWAPPED], init="transplant")
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before_state = {k: v.clone() for k, v in student.state_dict().items()}
+    held_out = blocks.eval[:8]
+    mse_before = replaced_layer_mse(teacher, student, held_out, [SWAPPED])[SWAPPED]["mse"]
+    log = heal_stage1(teacher, student, blocks, [SWAPPED], fast_settings())
+    mse_after = replaced_layer_mse(teacher, student, held_out, [SWAPPED])[SWAPPED]["mse"]
+    return dict(teacher=teacher, teacher_state=teacher_state, student=student, before_state=before_state,
+                mse_before=mse_before, mse_after=mse_after, log=log)
+
+
+def test_stage1_reduces_replaced_layer_mse_on_held_out_text(stage1_run):
+    assert stage1_run["mse_after"] < 0.25 * stage1_run["mse_before"], stage1_run
+    log = stage1_run["log"]
+    assert log.eval[0][1] == pytest.approx(stage1_run["mse_before"], rel=1e-5)  # the curve starts at "before"
+    assert log.eval[-1][1] < log.eval[0][1] and len(log.train) == 50
+
+
+def test_stage1_trains_only_the_new_layer(stage1_run):
+    student, before = stage1_run["student"], stage1_run["before_state"]
+    new_prefix = f"model.layers.{SWAPPED}.mixer."
+    after = student.state_dict()
+    assert after.keys() == before.keys()
+    changed_new = [name for name in after if name.startswith(new_prefix) and not torch.equal(after[name], before[name])]
+    unchanged_other = [name for name in after if not name.startswith(new_prefix) and torch.equal(after[name], before[name])]
+    assert len(unchanged_other) == len([n for n in after if not n.startswith(new_prefix)])  # bit-identical
+    assert set(changed_new) == {n for n in after if n.startswith(new_prefix)}  # every tensor of the new mixer moved
+    assert stage1_run["log"].trainable_parameters == sum(
+        p.numel() for p in student.model.layers[SWAPPED].mixer.parameters()
+    )
+    teacher = stage1_run["teacher"].state_dict()
+    assert all(torch.equal(teacher[name], value) for name, value in stage1_run["teacher_state"].items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 2
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_stage2_reduces_kl_on_held_out_text(blocks, mode):
+    teacher = tiny_teacher()
+    student = swap_layers(copy.deepcopy(teacher), [SWAPPED], init="fresh")
+    held_out = blocks.eval[:8]
+    kl_before = distillation_kl(teacher, student, held_out)
+    healed, log = heal_stage2(teacher, student, blocks, [SWAPPED], fast_settings(stage2=mode, stage2_steps=25))
+    kl_after = distillation_kl(teacher, healed, held_out)
+    assert kl_after < 0.5 * kl_before, (kl_before, kl_after)
+    assert type(healed) is M2RNNForCausalLM  # LoRA adapters merged away
+    assert not any("lora" in name for name in healed.state_dict())
+    assert log.eval[0][1] == pytest.approx(kl_before, rel=1e-4)
+    if mode == "lora":  # adapters and the whole new mixer, far fewer than the model
+        new_mixer = sum(p.numel() for p in healed.model.layers[SWAPPED].mixer.parameters())
+        assert new_mixer < log.trainable_parameters < healed.num_parameters() // 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which layers, and refusals
+# ---------------------------------------------------------------------------------------------------------------
+def test_swapped_layers_from_configs_and_errors_name_the_key():
+    teacher = tiny_config()
+    student = swap_layers(teacher, [0, 1])
+    assert swapped_layers(teacher, student) == [0, 1]
+    assert swapped_layers(teacher, student, layers=[1]) == [1]
+    for key, value in (("num_hidden_layers", 4), ("vocab_size", 300), ("hidden_size", 48)):
+        other = tiny_config(**{key: value}, mixer_types=["m2rnn"] * (value if key == "num_hidden_layers" else 3))
+        with pytest.raises(HealError, match=f"`{key}`"):
+            swapped_layers(teacher, other)
+    with pytest.raises(HealError, match="no swapped layer found"):
+        swapped_layers(teacher, teacher)
+    with pytest.raises(HealError, match="`layers` entry 2.*'full_attention'"):
+        swapped_layers(teacher, student, layers=[2])
+    with pytest.raises(HealError, match="outside 0..2"):
+        swapped_layers(teacher, student, layers=[7])
+    attention_swapped = tiny_config(mixer_types=["gated_deltanet", "gated_deltanet", "gated_deltanet"])
+    with pytest.raises(HealError, match=r"`mixer_types\[2\]`"):
+        swapped_layers(teacher, attention_swapped)
+    with pytest.raises(HealError, match="stage2='adapters'"):
+        HealSettings(stage2="adapters")
+    with pytest.raises(HealError, match="temperature=0"):
+        HealSettings(temperature=0)
+
+
+def test_text_blocks_from_txt_jsonl_and_datasets(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("abcdefgh")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "ijklmnop"}) + "\n\n" + json.dumps({"body": "qrst"}) + "\n")
+    blocks = load_text_blocks(
+        TextSource(files=[tmp_path / "a.txt", tmp_path / "b.jsonl"], text_column="body"), tokenizer, block_size=4,
+        eval_fraction=0.2,
+    )
+    eos = [tokenizer.eos_token_id]
+    expected = [*tokenizer("abcdefgh")["input_ids"], *eos, *tokenizer("ijklmnop")["input_ids"], *eos,
+                *tokenizer("qrst")["input_ids"], *eos]  # 23 tokens: 5 blocks, the last 3 tokens dropped
+    assert torch.cat([blocks.train.flatten(), blocks.eval.flatten()]).tolist() == expected[:20]
+    assert blocks.summary() == {"block_size": 4, "train_blocks": 4, "eval_blocks": 1}  # held out: the end
+    with pytest.raises(HealError, match=r"b.jsonl:1: no text field 'text' \(text_column\)"):
+        load_text_blocks(TextSource(files=[tmp_path / "b.jsonl"]), tokenizer, block_size=4)
+    (tmp_path / "c.csv").write_text("x")
+    with pytest.raises(HealError, match="unsupported suffix '.csv'"):
+        load_text_blocks(TextSource(files=[tmp_path / "c.csv"]), tokenizer)
+    with pytest.raises(HealError, match="too little text"):
+        load_text_blocks(TextSource(files=[tmp_path / "a.txt"]), tokenizer, block_size=64)
+
+    # a `datasets` dataset: a local folder of JSON lines, held-out blocks from its own split
+    data = tmp_path / "dataset"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"content": "abcdefgh" * 3}) + "\n" for _ in range(4)))
+    (data / "test.jsonl").write_text(json.dumps({"content": "zyxwvuts"}) + "\n")
+    source = TextSource(dataset=str(data), eval_split="test", text_column="content")
+    from_dataset = load_text_blocks(source, tokenizer, block_size=8)
+    assert from_dataset.summary() == {"block_size": 8, "train_blocks": 12, "eval_blocks": 1}
+    assert tokenizer.decode(from_dataset.eval[0]) == "zyxwvuts"
+    with pytest.raises(HealError, match="no text column 'text' \\(text_column\\); columns: \\['content'\\]"):
+        load_text_blocks(TextSource(dataset=str(data)), tokenizer, block_size=8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tokenizer):
+    """A saved teacher (with tokenizer), a saved swapped student (without), local .txt and .jsonl text."""
+    root = tmp_path_factory.mktemp("heal_cli")
+    teacher = tiny_teacher()
+    teacher.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    swap_layers(copy.deepcopy(teacher), [SWAPPED], init="transplant").save_pretrained(root / "student")
+    text = TEXT.read_text()
+    (root / "part1.txt").write_text(text[:3000])
+    lines = [json.dumps({"text": paragraph}) for paragraph in text[3000:6000].split("\n\n")]
+    (root / "part2.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def heal_args(root: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "heal", str(root / "teacher"), str(output), "--text-files", str(root / "part1.txt"), str(root / "part2.jsonl"),
+        "--block-size", "16", "--batch-size", "4", "--stage1-steps", "6", "--stage2-steps", "4", "--eval-every", "3",
+        "--max-eval-blocks", "4", "--no-progress", *extra,
+    ]
+
+
+def test_cli_heals_writes_the_folder_and_refuses_to_overwrite(checkpoints, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output = tmp_path / "healed"
+    assert main(heal_args(checkpoints, output, "--student", str(checkpoints / "student"))) == 0
+    printed = capsys.readouterr().out
+    assert "healed layers [1]" in printed and "KL(teacher || student)" in printed
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "results.json", "results.md", "loss_curves.png"):
+        assert (output / name).is_file(), name
+    assert (output / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((output / "results.json").read_text())
+    assert results["layers"] == [SWAPPED]
+    assert [stage["name"] for stage in results["stages"]] == ["stage 1: layer matching", "stage 2: distillation (lora)"]
+    assert [step for step, _ in results["stages"][0]["eval"]] == [0, 3, 6]
+    assert set(results["before"]) == {"replaced_layer_mse", "kl", "student_lm_loss", "teacher_lm_loss"}
+    assert results["data"]["block_size"] == 16 and results["text"][0].endswith("part1.txt")
+    assert "| after stage 2 |" in (output / "results.md").read_text()
+    healed = AutoModelForCausalLM.from_pretrained(output)
+    assert healed.config.mixer_types == ["gated_deltanet", "m2rnn", "full_attention"]
+    assert len(AutoTokenizer.from_pretrained(output)) == 258
+    reloaded = {k: v for k, v in healed.state_dict().items()}
+    student = AutoModelForCausalLM.from_pretrained(checkpoints / "student").state_dict()
+    assert not torch.equal(reloaded["model.layers.1.mixer.in_proj.weight"], student["model.layers.1.mixer.in_proj.weight"])
+
+    stamp = (output / "results.json").read_text()
+    assert main(heal_args(checkpoints, output, "--student", str(checkpoints / "student"))) == 1
+    error = capsys.readouterr().err
+    assert "exists" in error and "--overwrite" in error
+    assert (output / "results.json").read_text() == stamp  # untouched
+
+    # --swap-layers swaps the teacher here; --overwrite replaces the folder; --stage2 full
+    assert main(heal_args(checkpoints, output, "--swap-layers", "0", "--init", "fresh", "--stage2", "full",
+                          "--overwrite")) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert results["layers"] == [0] and results["stages"][1]["name"] == "stage 2: distillation (full)"
+    assert not list(tmp_path.glob(".healed.*"))  # no staging leftovers
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_tokenizer", "no tokenizer files in"),
+        ("bad_column", "no text field 'body' (text_column)"),
+        ("layer_not_m2rnn", "`layers` entry 2: the student's layer 2 is 'full_attention'"),
+        ("vocab_mismatch", "teacher and student differ in `vocab_size`: teacher 258, student 300"),
+        ("layers_with_swap", "--layers goes with --student"),
+        ("missing_file", "does not exist"),
+    ],
+)
+def test_cli_bad_input_names_the_key(checkpoints, tmp_path, capsys, case, message):
+    student = ["--student", str(checkpoints / "student")]
+    output = tmp_path / "out"
+    args = heal_args(checkpoints, output, *student)
+    if case == "no_tokenizer":
+        bare_teacher = tmp_path / "bare_teacher"  # no tokenizer files, here or in the student folder
+        tiny_teacher().save_pretrained(bare_teacher)
+        args[1] = str(bare_teacher)
+    elif case == "bad_column":
+        args += ["--text-column", "body"]
+    elif case == "layer_not_m2rnn":
+        args += ["--layers", "2"]
+    elif case == "vocab_mismatch":
+        other = tmp_path / "other"
+        swap_layers(tiny_teacher(vocab_size=300), [SWAPPED]).save_pretrained(other)
+        args[args.index("--student") + 1] = str(other)
+    elif case == "layers_with_swap":
+        args = heal_args(checkpoints, output, "--swap-layers", "1", "--layers", "1")
+    elif case == "missing_file":
+        args[args.index("--text-files") + 1] = str(tmp_path / "nope.txt")
+    assert main(args) == 1
+    assert message in capsys.readouterr().err
+    assert not output.exists()
