@@ -2,7 +2,7 @@
 
 1. Build a tiny byte-level GDN hybrid (GDN, GDN, GDN, attention) and train it briefly on a small text, so that the
    teacher has something to lose.
-2. Save it with its tokenizer, then let `heal_checkpoint` swap layer 1 to M2RNN (transplant init) and heal it:
+2. Save it with its tokenizer, then let `heal_checkpoint` swap layer 1 to M2RNN (fresh init) and heal it:
    stage 1 matches the replaced mixer's output, stage 2 distils the teacher with LoRA (new layer fully trainable).
 3. Print the held-out numbers before and after each stage. The output folder holds the healed model, the
    tokenizer, results.json, results.md and loss_curves.png.
@@ -64,7 +64,7 @@ def train_teacher(model: M2RNNForCausalLM, blocks: torch.Tensor, steps: int, see
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="heal-example-output", help="replaced if it exists")
-    parser.add_argument("--init", choices=("transplant", "fresh"), default="transplant")
+    parser.add_argument("--init", choices=("fresh", "transplant"), default="fresh")
     parser.add_argument("--teacher-steps", type=int, default=120)
     parser.add_argument("--stage1-steps", type=int, default=80)
     parser.add_argument("--stage2-steps", type=int, default=60)

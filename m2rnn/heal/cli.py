@@ -28,7 +28,7 @@ def add_heal_command(subparsers: argparse._SubParsersAction) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--student", help="the swapped model folder (e.g. from m2rnn convert --swap-layers)")
     which.add_argument("--swap-layers", help="swap these GDN layers of the teacher here instead, e.g. 1,3")
-    p.add_argument("--init", choices=("transplant", "fresh"), default="transplant",
+    p.add_argument("--init", choices=("fresh", "transplant"), default="fresh",
                    help="with --swap-layers: init of the new layers (default: %(default)s)")
     p.add_argument("--layers", default=None,
                    help="with --student: layers to heal (default: those whose mixer type changed to m2rnn)")

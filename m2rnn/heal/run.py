@@ -95,7 +95,7 @@ def heal_checkpoint(
     *,
     student: str | os.PathLike | None = None,
     swap_layers: Sequence[int] | None = None,
-    init: str = "transplant",
+    init: str = "fresh",
     tokenizer: str | None = None,
     settings: HealSettings | None = None,
     block_size: int = 256,
