@@ -37,7 +37,8 @@ def tiny_hybrid_config(vocab_size: int) -> M2RNNConfig:
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         mixer_types=["gated_deltanet", "gated_deltanet", "gated_deltanet", "full_attention"],
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
-        num_attention_heads=4, num_key_value_heads=2, rope_parameters={"rope_theta": 10_000.0, "partial_rotary_factor": 1.0},
+        num_attention_heads=4, num_key_value_heads=2,
+        rope_parameters={"rope_theta": 10_000.0, "partial_rotary_factor": 1.0},
         pad_token_id=0, eos_token_id=1, bos_token_id=None,
     )
 

@@ -76,7 +76,8 @@ def add_heal_command(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=DEFAULTS.seed, help="(default: %(default)s)")
 
     run = p.add_argument_group("run")
-    run.add_argument("--dtype", default="float32", help="weights dtype: float32, bfloat16, float16 (default: %(default)s)")
+    run.add_argument("--dtype", default="float32",
+                     help="weights dtype: float32, bfloat16, float16 (default: %(default)s)")
     run.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     run.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

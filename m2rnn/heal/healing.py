@@ -249,7 +249,9 @@ def teacher_mixer_io(
 # ---------------------------------------------------------------------------------------------------------------
 # Held-out measures
 # ---------------------------------------------------------------------------------------------------------------
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """T² · KL(softmax(teacher / T) ‖ softmax(student / T)), averaged over tokens (nats per token at T = 1)."""
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1).flatten(0, -2)
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1).flatten(0, -2)
@@ -416,8 +418,11 @@ def heal_stage1(
         return sum(entry["mse"] for entry in per_layer.values()) / len(per_layer)
 
     log = StageLog("stage 1: layer matching", "mixer MSE (train)", "mixer MSE (held-out)")
-    return _run_stage(log, student, step_loss, held_out_loss, blocks.train, settings.stage1_steps,
-                      settings.stage1_lr, settings)
+    try:
+        return _run_stage(log, student, step_loss, held_out_loss, blocks.train, settings.stage1_steps,
+                          settings.stage1_lr, settings)
+    finally:
+        student.requires_grad_(True)  # the freeze is this stage's business only
 
 
 def lora_target_names(student: M2RNNForCausalLM, layers: Sequence[int], settings: HealSettings) -> list[str]:
@@ -480,7 +485,9 @@ def heal_stage2(
     def held_out_loss() -> float:
         return distillation_kl(teacher, model, eval_blocks, settings.batch_size)
 
-    train_name = f"T²·KL at T={settings.temperature:g}" + (f" + {settings.ce_weight:g}·CE" if settings.ce_weight else "")
+    train_name = f"T²·KL at T={settings.temperature:g}"
+    if settings.ce_weight:
+        train_name += f" + {settings.ce_weight:g}·CE"
     log = StageLog(f"stage 2: distillation ({settings.stage2})", f"{train_name} (train)", "KL at T=1 (held-out)")
     _run_stage(log, model, step_loss, held_out_loss, blocks.train, settings.stage2_steps, settings.stage2_lr, settings)
     if settings.stage2 == "lora":

@@ -21,10 +21,8 @@ def write_results(folder: str | Path, result: HealResult, extra: dict[str, Any] 
 
 
 def _row(label: str, measures: dict[str, Any], layers: list[int]) -> str:
-    mse = " | ".join(
-        f"{measures['replaced_layer_mse'][str(i)]['mse']:.4g} ({measures['replaced_layer_mse'][str(i)]['relative_mse']:.3g})"
-        for i in layers
-    )
+    per_layer = [measures["replaced_layer_mse"][str(i)] for i in layers]
+    mse = " | ".join(f"{entry['mse']:.4g} ({entry['relative_mse']:.3g})" for entry in per_layer)
     return f"| {label} | {mse} | {measures['kl']:.4g} | {measures['student_lm_loss']:.4f} |"
 
 

@@ -42,7 +42,6 @@ def _model_type(folder: str | os.PathLike, role: str) -> str | None:
 def load_teacher(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> M2RNNForCausalLM:
     """An M2RNN-family folder as it is, or any GDN-hybrid checkpoint `m2rnn convert` reads, imported in memory
     (exact, nothing written), so the original checkpoint can be the teacher directly."""
-    import m2rnn  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForCausalLM
 
     if _model_type(folder, "teacher") == "m2rnn":
@@ -57,7 +56,6 @@ def load_teacher(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) 
 
 def load_student(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> M2RNNForCausalLM:
     """A swapped M2RNN-family folder (as written by `m2rnn convert --swap-layers`)."""
-    import m2rnn  # noqa: F401
     from transformers import AutoModelForCausalLM
 
     model_type = _model_type(folder, "student")
@@ -113,7 +111,9 @@ def heal_checkpoint(
     if (student is None) == (swap_layers is None):
         raise HealError("give exactly one of student (--student, a swapped folder) and swap_layers (--swap-layers)")
     if swap_layers is not None and settings.layers is not None:
-        raise HealError("layers (--layers) and swap_layers (--swap-layers) exclude each other: the swapped layers are healed")
+        raise HealError(
+            "layers (--layers) and swap_layers (--swap-layers) exclude each other: the swapped layers are healed"
+        )
     torch_dtype = _dtype(dtype)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
