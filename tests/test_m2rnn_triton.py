@@ -143,6 +143,18 @@ def test_no_grad_forward_matches():
     assert rel(y, y_ref) < 1e-5 and rel(ht, ht_ref) < 1e-5
 
 
+def test_decode_step_takes_strided_inputs():
+    """q, k, v sliced out of a wider projection (last dimension strided) give the same step as contiguous ones."""
+    q, k, v, w, f, h0 = make_inputs(2, 1, 4, 16, 16, GROUPINGS["shared_qk"])
+    wide = [torch.stack([x[:, 0], torch.zeros_like(x[:, 0])], dim=-1) for x in (q, k, v)]
+    strided = [x[..., 0] for x in wide]
+    assert all(x.stride(-1) == 2 for x in strided)
+    state_a, state_b = h0.clone(), h0.clone()
+    y_a = m2rnn_decode_step_triton(*strided, w, f[:, 0], state_a)
+    y_b = m2rnn_decode_step_triton(q[:, 0], k[:, 0], v[:, 0], w, f[:, 0], state_b)
+    assert torch.equal(y_a, y_b) and torch.equal(state_a, state_b)
+
+
 def test_decode_steps_equal_forward():
     batch, steps, heads, key_dim, value_dim = 2, 5, 4, 16, 8
     q, k, v, w, f, h0 = make_inputs(batch, steps, heads, key_dim, value_dim, GROUPINGS["mixed"])
@@ -179,7 +191,9 @@ def test_rejects_large_head_dims(key_dim, value_dim, bad):
 def test_bf16_real_shape(clip, half_state_dot, monkeypatch):
     monkeypatch.setattr(m2rnn_triton, "CHECKPOINT_INTERVAL", 64)
     monkeypatch.setattr(m2rnn_triton, "HALF_PRECISION_STATE_DOT", half_state_dot)
-    inputs = make_inputs(2, 1000, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16, w_diagonal=0.8)
+    # W = 0.3·I + noise has spectral norm < 1: without clipping, a recurrence that is not contractive amplifies
+    # the rounding of any two correct implementations over 1000 steps (seen on the H100: 50% apart in dk).
+    inputs = make_inputs(2, 1000, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16, w_diagonal=0.3)
     want = run(m2rnn_recurrence_torch, [x.float() for x in inputs], gradient_clipping=clip)
     got = run(m2rnn_recurrence_triton, inputs, gradient_clipping=clip)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
@@ -213,7 +227,7 @@ def test_more_than_2_pow_32_state_elements(monkeypatch):
 @gpu
 def test_long_sequence_stable(monkeypatch):
     monkeypatch.setattr(m2rnn_triton, "CHECKPOINT_INTERVAL", 64)
-    inputs = make_inputs(1, 65536, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16, w_diagonal=0.8)
+    inputs = make_inputs(1, 65536, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16, w_diagonal=0.3)
     y, ht, grads = run(m2rnn_recurrence_triton, inputs, gradient_clipping=1.0)
     y32, ht32, grads32 = run(m2rnn_recurrence_triton, [x.float() for x in inputs], gradient_clipping=1.0)
     for name, x in [("y", y), ("final_state", ht), *zip(NAMES, grads)]:

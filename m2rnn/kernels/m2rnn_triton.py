@@ -594,7 +594,7 @@ def m2rnn_decode_step_triton(
 
     q (B, Nq, K), k (B, Nk, K), v (B, Nv, V), weight (Nw, V, V), forget (B, Nf). Allocates only y and never
     synchronises with the host, so it can be captured in a CUDA graph. Inputs may be strided views whose last
-    dimension is contiguous; ``state`` and ``weight`` must be contiguous.
+    dimension is contiguous (others are copied); ``state`` must be contiguous.
     """
     batch, heads, key_dim, value_dim = state.shape
     _check_dims(key_dim, value_dim)
@@ -604,8 +604,7 @@ def m2rnn_decode_step_triton(
     for name, count in counts.items():
         if heads % count:
             raise ValueError(f"m2rnn_decode_step: {name[1:].lower()} has {count} heads, which does not divide N={heads}")
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("m2rnn_decode_step: the last dimension of q, k and v must be contiguous")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     weight = weight if weight.is_contiguous() else weight.contiguous()
     y = torch.empty(batch, heads, value_dim, dtype=v.dtype, device=v.device)
     block_k = max(16, triton.next_power_of_2(key_dim))
