@@ -442,7 +442,14 @@ class M2RNNTopKRouter(nn.Module):
 
 
 class M2RNNSparseMoeBlock(nn.Module):
-    """Routed SwiGLU experts plus an optional shared expert (with an optional sigmoid gate)."""
+    """Routed SwiGLU experts plus an optional shared expert (with an optional sigmoid gate).
+
+    Eager calls run each routed expert on its own tokens (`experts_sparse`); while compiling, capturing a CUDA graph
+    or when `dense_dispatch` is set (`m2rnn.generation` sets it around captured decode steps), the sync-free
+    `experts_dense` gives the same sum.
+    """
+
+    dense_dispatch: bool = False
 
     def __init__(self, config: M2RNNConfig):
         super().__init__()
@@ -462,17 +469,45 @@ class M2RNNSparseMoeBlock(nn.Module):
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])
         _, top_weights, top_experts = self.gate(tokens)
-        output = torch.zeros_like(tokens)
-        for expert_idx in top_experts.unique().tolist():
-            token_idx, slot = torch.where(top_experts == expert_idx)
-            expert_out = self.experts[expert_idx](tokens[token_idx]) * top_weights[token_idx, slot, None]
-            output.index_add_(0, token_idx, expert_out.to(output.dtype))
+        if self.dense_dispatch or _must_avoid_host_sync():
+            output = self.experts_dense(tokens, top_weights, top_experts)
+        else:
+            output = self.experts_sparse(tokens, top_weights, top_experts)
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)
             if self.shared_expert_gate is not None:
                 shared = shared * torch.sigmoid(self.shared_expert_gate(tokens))
             output = output + shared
         return output.reshape(shape)
+
+    def experts_sparse(self, tokens: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
+        """Each routed expert on its own tokens only. Reads the routing on the host (`.tolist()`), so eager only."""
+        output = torch.zeros_like(tokens)
+        for expert_idx in top_experts.unique().tolist():
+            token_idx, slot = torch.where(top_experts == expert_idx)
+            expert_out = self.experts[expert_idx](tokens[token_idx]) * top_weights[token_idx, slot, None]
+            output.index_add_(0, token_idx, expert_out.to(output.dtype))
+        return output
+
+    def experts_dense(self, tokens: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
+        """The same sum without a host sync: every expert runs on every token and tokens that did not route to it
+        get weight 0. Static shapes, so it compiles with `fullgraph=True` and can be captured in a CUDA graph; it costs
+        `num_experts / top_k` times the expert FLOPs (and reads every expert's weights), so it is used only while
+        compiling or capturing. Experts are added in ascending order, as `experts_sparse` does."""
+        combine = torch.zeros(
+            tokens.shape[0], self.num_experts, dtype=top_weights.dtype, device=tokens.device
+        ).scatter(1, top_experts, top_weights)
+        output = torch.zeros_like(tokens)
+        for expert_idx, expert in enumerate(self.experts):
+            output = output + (expert(tokens) * combine[:, expert_idx, None]).to(output.dtype)
+        return output
+
+
+def _must_avoid_host_sync() -> bool:
+    """True while torch.compile traces or a CUDA graph is being captured: no `.tolist()`/`.item()` allowed then."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
