@@ -140,6 +140,23 @@ def _recurrent(q, k, v, g, beta, state) -> Tensors:
     return torch.stack(outputs, dim=1), state
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    The chunk layout below permutes the gates, so their gradient comes back permuted. Under torch.compile (torch
+    2.13, CPU) the compiled backward of the caller's `softplus` then disagrees with its meta kernel about the output
+    strides and a later view fails; a contiguous gradient (one (B, S, H) copy) avoids it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def _chunked(q, k, v, g, beta, state, chunk_size: int = CHUNK_SIZE) -> Tensors:
     """Chunked (WY / UT-transform) form of the recurrence on prepared inputs ``(B, S, H, ·)``.
 
@@ -155,6 +172,8 @@ def _chunked(q, k, v, g, beta, state, chunk_size: int = CHUNK_SIZE) -> Tensors:
     """
     batch, seqlen, heads, key_dim = q.shape
     value_dim = v.shape[-1]
+    if torch.is_grad_enabled():
+        g, beta = _ContiguousGrad.apply(g), _ContiguousGrad.apply(beta)
     pad = -seqlen % chunk_size
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))

@@ -1,4 +1,9 @@
-"""The dispatch point of the M2RNN recurrence: `m2rnn_recurrence` picks a backend and calls it."""
+"""The dispatch point of the M2RNN recurrence: `m2rnn_recurrence` picks a backend and calls it.
+
+While `torch.compile` traces, the Triton backend is called through `torch.library` custom ops (`m2rnn::*`,
+registered below around the functions `m2rnn_triton` exports), so that dynamo sees one opaque op with a fake
+(shape-only) implementation instead of tracing the launch code; eager calls go straight to the kernels.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +53,8 @@ def m2rnn_recurrence(
         ``y`` ``(B, S, N, V)`` in the input dtype and the final state ``(B, N, K, V)`` in float32.
     """
     if _resolve_backend(backend, q.device, "m2rnn_recurrence") == "triton":
+        if torch.compiler.is_compiling():
+            return _recurrence_op(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping)
         fn = m2rnn_recurrence_triton
     else:
         fn = m2rnn_recurrence_torch
@@ -69,6 +76,8 @@ def m2rnn_decode_step(
     q (B, Nq, K), k (B, Nk, K), v (B, Nv, V), forget (B, Nf). No host sync, so it can be captured in a CUDA graph.
     """
     if _resolve_backend(backend, q.device, "m2rnn_decode_step") == "triton":
+        if torch.compiler.is_compiling():
+            return torch.ops.m2rnn.decode_step_triton(q, k, v, weight, forget, state)
         return m2rnn_decode_step_triton(q, k, v, weight, forget, state)
     return m2rnn_decode_step_torch(q, k, v, weight, forget, state)
 
@@ -85,3 +94,103 @@ def _resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
             f"inputs are on {device}, the triton kernels {'are' if m2rnn_recurrence_triton else 'are not'} importable"
         )
     return backend
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library registration of the Triton backend (what torch.compile sees)
+# ---------------------------------------------------------------------------------------------------------------
+def _num_heads(q, k, v, weight, forget) -> int:
+    return max(q.shape[-2], k.shape[-2], v.shape[-2], forget.shape[-1], weight.shape[0])
+
+
+def _recurrence_op(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping):
+    """The Triton recurrence as custom ops: forward, and a backward that recomputes the forward with autograd.
+
+    The recomputation costs one extra forward in the backward pass (the exported Triton API keeps its checkpoints
+    private); it is used only under torch.compile.
+    """
+    return torch.ops.m2rnn.recurrence_triton(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping)
+
+
+if m2rnn_recurrence_triton is not None:
+
+    @torch.library.custom_op("m2rnn::recurrence_triton", mutates_args=())
+    def _recurrence_triton_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        weight: torch.Tensor,
+        forget: torch.Tensor,
+        initial_state: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        gradient_clipping: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            y, final_state = m2rnn_recurrence_triton(q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens)
+        return y, final_state
+
+    @_recurrence_triton_op.register_fake
+    def _(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping):
+        heads = _num_heads(q, k, v, weight, forget)
+        batch = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        y = q.new_empty(*q.shape[:-2], heads, v.shape[-1])
+        return y, q.new_empty(batch, heads, q.shape[-1], v.shape[-1], dtype=torch.float32)
+
+    @torch.library.custom_op("m2rnn::recurrence_triton_backward", mutates_args=())
+    def _recurrence_triton_backward_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        weight: torch.Tensor,
+        forget: torch.Tensor,
+        initial_state: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        gradient_clipping: float | None,
+        dy: torch.Tensor,
+        d_final_state: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        inputs = [x.detach().requires_grad_() for x in (q, k, v, weight, forget)]
+        h0 = initial_state.detach().requires_grad_() if initial_state is not None else None
+        with torch.enable_grad():
+            y, final_state = m2rnn_recurrence_triton(
+                *inputs, h0, cu_seqlens=cu_seqlens, gradient_clipping=gradient_clipping
+            )
+            wrt = inputs + ([h0] if h0 is not None else [])
+            grads = torch.autograd.grad((y, final_state), wrt, (dy, d_final_state), allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, wrt)]
+        return grads if h0 is not None else grads + [q.new_empty(0)]
+
+    @_recurrence_triton_backward_op.register_fake
+    def _(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping, dy, d_final_state):
+        h0_grad = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
+        return [torch.empty_like(x) for x in (q, k, v, weight, forget)] + [h0_grad]
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping = inputs
+        ctx.save_for_backward(q, k, v, weight, forget, initial_state, cu_seqlens)
+        ctx.gradient_clipping = gradient_clipping
+
+    def _backward(ctx, dy, d_final_state):
+        q, k, v, weight, forget, initial_state, cu_seqlens = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros(*q.shape[:-2], _num_heads(q, k, v, weight, forget), v.shape[-1], dtype=q.dtype, device=q.device)
+        if d_final_state is None:
+            batch = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            heads = _num_heads(q, k, v, weight, forget)
+            d_final_state = torch.zeros(batch, heads, q.shape[-1], v.shape[-1], dtype=torch.float32, device=q.device)
+        dq, dk, dv, dw, df, dh0 = torch.ops.m2rnn.recurrence_triton_backward(
+            q, k, v, weight, forget, initial_state, cu_seqlens, ctx.gradient_clipping, dy, d_final_state
+        )
+        return dq, dk, dv, dw, df, (dh0 if initial_state is not None else None), None, None
+
+    _recurrence_triton_op.register_autograd(_backward, setup_context=_setup_context)
+
+    @torch.library.custom_op("m2rnn::decode_step_triton", mutates_args=("state",))
+    def _decode_step_triton_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, forget: torch.Tensor, state: torch.Tensor
+    ) -> torch.Tensor:
+        return m2rnn_decode_step_triton(q, k, v, weight, forget, state)
+
+    @_decode_step_triton_op.register_fake
+    def _(q, k, v, weight, forget, state):
+        return v.new_empty(state.shape[0], state.shape[1], v.shape[-1])
