@@ -26,9 +26,11 @@ for phase in $phases; do
   echo "=== $phase ($(date +%T))"
   case $phase in
     s3)
-      for model in m2rnn gdn; do
-        python3 benchmarks/s3_paper_scale.py train --model "$model" --seconds "${S3_SECONDS:-150}" \
-          --output-dir "$OUT/s3" > "$OUT/s3_$model.log" 2>&1 &
+      # S3_RUNS: "model:lr:tag" items (default: both models at lr 3e-3)
+      for run in ${S3_RUNS:-m2rnn:3e-3: gdn:3e-3:}; do
+        IFS=: read -r model lr tag <<< "$run"
+        python3 benchmarks/s3_paper_scale.py train --model "$model" --lr "$lr" ${tag:+--tag "$tag"} \
+          --seconds "${S3_SECONDS:-150}" --output-dir "$OUT/s3" > "$OUT/s3_$model$tag.log" 2>&1 &
         s3_pids+=($!)
       done ;;
     tests)
@@ -51,7 +53,7 @@ for phase in $phases; do
         | tee "$OUT/model.log" | tail -30 ;;
     wait)
       for pid in "${s3_pids[@]}"; do wait "$pid"; done
-      tail -2 "$OUT"/s3_*.log
+      for log in "$OUT"/s3_*.log; do tail -n 2 "$log"; done
       python3 benchmarks/s3_paper_scale.py report "$OUT/s3" 2>&1 | tail -12 ;;
     *) echo "unknown phase $phase" ;;
   esac

@@ -73,7 +73,11 @@ def compile_kernel(kernel_name: str, dtype: str, block_k: int, warps: int, key_d
         constexprs.update(HAS_DHT=False, STORE_DH0=False, CLIP=True)
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature = {**_signature(kernel_name, dtype), **{name: "constexpr" for name in constexprs}}
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    # what a real launch specialises on: 16-byte aligned pointers (torch allocations are)
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
+               if kind.startswith("*")}
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                       attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
 
 

@@ -50,7 +50,7 @@ def train(args: argparse.Namespace) -> None:
     )
     results = s3.evaluate_s3(model, EVAL_LENGTHS, num_samples=args.eval_samples, batch_size=128)
     record = {
-        "model": NAMES[args.model], "parameters": count_parameters(model), "device": str(device),
+        "model": NAMES[args.model] + (f" ({args.tag})" if args.tag else ""), "parameters": count_parameters(model), "device": str(device),
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None, "torch": torch.__version__,
         "train_length": TRAIN_LENGTH, "steps_run": history.steps[-1], "reached_length": history.lengths[-1],
         "train_seconds": history.seconds, "total_seconds": time.perf_counter() - started,
@@ -60,7 +60,7 @@ def train(args: argparse.Namespace) -> None:
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.model}.json").write_text(json.dumps(record, indent=1))
+    (out / f"{args.model}{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps(record, indent=1))
     print(f"{args.model}: {record['steps_run']} steps in {history.seconds:.0f} s, reached length "
           f"{record['reached_length']}; accuracy % (all / last):",
           {n: f"{100 * r['accuracy']:.1f}/{100 * r['last_accuracy']:.1f}" for n, r in results.items()}, flush=True)
@@ -95,6 +95,7 @@ def main() -> None:
     run.add_argument("--lr", type=float, default=3e-3)
     run.add_argument("--eval-samples", type=int, default=256)
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--tag", default="", help="suffix of the run's name and file (several runs of one model)")
     merge = commands.add_parser("report", help="merge the per-model JSON files into a table and a plot")
     merge.add_argument("folder")
     args = parser.parse_args()

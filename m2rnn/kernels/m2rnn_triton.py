@@ -247,7 +247,7 @@ def _m2rnn_bwd_kernel(
     dw_acc = tl.zeros([BLOCK_V, BLOCK_V], dtype=tl.float32)
 
     block_tile = tl.arange(0, BLOCK_K)[:, None] * BLOCK_V + cols[None, :]
-    scratch = scratch_ptr + (pid_bn.to(tl.int64) * tl.num_programs(1) + pid_k) * (CHUNK * BLOCK_K * BLOCK_V)
+    scratch = scratch_ptr + (pid_bn.to(tl.int64) * ((K + BLOCK_K - 1) // BLOCK_K) + pid_k) * (CHUNK * BLOCK_K * BLOCK_V)
     q_base = q_ptr + (n // (N // NQ)) * K + rows
     k_base = k_ptr + (n // (N // NK)) * K + rows
     v_base = v_ptr + (n // (N // NV)) * V + cols
