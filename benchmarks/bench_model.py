@@ -101,7 +101,8 @@ def llama_config(reference: M2RNNConfig) -> LlamaConfig:
     target = count_parameters(lambda: M2RNNForCausalLM(reference))
     low, high = (count_parameters(lambda i=i: AutoModelForCausalLM.from_config(make(i))) for i in (256, 512))
     per_unit = (high - low) / 256
-    intermediate = max(64, round((256 + (target - low) / per_unit) / 64) * 64)
+    multiple = 64 if reference.hidden_size >= 512 else 8  # kernel-friendly widths at full size
+    intermediate = max(multiple, round((256 + (target - low) / per_unit) / multiple) * multiple)
     return make(intermediate)
 
 
@@ -386,7 +387,8 @@ def markdown(results: dict) -> str:
         "| model | parameters |",
         "|---|---|",
     ]
-    lines += [f"| {name} | {count / 1e6:.1f} M |" for name, count in results["parameters"].items()]
+    lines += [f"| {name} | {count / 1e6:.1f} M |" if count >= 1e7 else f"| {name} | {count / 1e6:.3f} M |"
+              for name, count in results["parameters"].items()]
     by_kind: dict[str, list[dict]] = {}
     for record in results["measurements"]:
         by_kind.setdefault(record["kind"].split("-")[0], []).append(record)
