@@ -57,9 +57,15 @@ def _fla_backward_works() -> bool:
     return not affected or importlib.util.find_spec("tilelang") is not None
 
 
+@torch.compiler.assume_constant_result
+def _fla_importable() -> bool:
+    """Whether fla imports, evaluated eagerly even while torch.compile traces (an import cannot be traced)."""
+    return _fla_ops() is not None
+
+
 def fla_available(device: torch.device | str) -> bool:
     """True when fla's kernels can run on `device` (CUDA and fla importable); never imports fla for CPU."""
-    return torch.device(device).type == "cuda" and _fla_ops() is not None
+    return torch.device(device).type == "cuda" and _fla_importable()
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -50,6 +50,8 @@ def _package_unfit_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     """Why the causal-conv1d kernels cannot take these inputs, or None when they can."""
     if not x.is_cuda:
         return f"inputs are on {x.device}, not CUDA"
+    if torch.compiler.is_compiling():  # its kernels are not torch ops: dynamo could not trace them
+        return "torch.compile traces the torch implementation instead"
     if _package_ops() is None:
         return "the causal_conv1d package does not import"
     if not 2 <= weight.shape[-1] <= 4:
