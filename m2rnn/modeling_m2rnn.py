@@ -679,6 +679,13 @@ def _cu_seqlens_from_position_ids(position_ids: torch.Tensor | None) -> torch.Te
     return torch.cat([starts, total]).to(torch.int32)
 
 
+def _position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(1, T) positions restarting at 0 at every document start of `cu_seqlens` (padding-free batches)."""
+    positions = torch.arange(total, device=cu_seqlens.device)
+    document = torch.bucketize(positions, cu_seqlens[1:].long(), right=True)
+    return (positions - cu_seqlens[:-1].long()[document]).unsqueeze(0)
+
+
 class M2RNNModel(M2RNNPreTrainedModel):
     def __init__(self, config: M2RNNConfig):
         super().__init__(config)
@@ -718,7 +725,13 @@ class M2RNNModel(M2RNNPreTrainedModel):
         if cu_seqlens is None and past_key_values is None and not isinstance(attention_mask, torch.Tensor):
             cu_seqlens = _cu_seqlens_from_position_ids(position_ids)
         if cu_seqlens is not None:  # packed documents never read or write a cache
+            if inputs_embeds.shape[0] != 1:
+                raise ValueError(
+                    f"M2RNNModel: cu_seq_lens_q describes one packed row, but the batch has {inputs_embeds.shape[0]} rows"
+                )
             cu_seqlens, use_cache, past_key_values = cu_seqlens.to(torch.int32), False, None
+            if position_ids is None:  # restarting positions keep RoPE and the attention mask within each document
+                position_ids = _position_ids_from_cu_seqlens(cu_seqlens, seq_len)
 
         if use_cache and past_key_values is None:
             past_key_values = M2RNNCache(config=self.config)
