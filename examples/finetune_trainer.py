@@ -76,6 +76,7 @@ def main() -> None:
             gradient_accumulation_steps=args.accumulation, learning_rate=args.lr, lr_scheduler_type="cosine",
             warmup_steps=max(1, args.max_steps // 10), weight_decay=0.0, logging_steps=5, save_strategy="no",
             report_to=[], bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),  # Trainer refuses bf16 on a GPU-less machine unless told
         )
         trainer = Trainer(
             model=model, args=training_args, train_dataset=documents, data_collator=collator,
