@@ -199,6 +199,14 @@ def set_knobs(**knobs) -> dict:
     return previous
 
 
+def apply_knob(item: str, option: str) -> None:
+    """Set one knob from "NAME=VALUE" text (ints, True/False), or exit naming the option and the bad name."""
+    name, _, value = item.partition("=")
+    if not hasattr(m2rnn_triton, name):
+        raise SystemExit(f"{option}: m2rnn_triton has no knob named {name!r}")
+    set_knobs(**{name: int(value) if value.lstrip("-").isdigit() else value == "True"})
+
+
 def variant_errors(batch=2, seqlen=1024, heads=84) -> dict:
     """Relative error of bf16 outputs and gradients against the float32-input Triton path (exact tanh, ieee dots)."""
     g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -262,10 +270,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     for item in args.knob:
-        name, _, value = item.partition("=")
-        if not hasattr(m2rnn_triton, name):
-            raise SystemExit(f"--knob: m2rnn_triton has no knob named {name!r}")
-        set_knobs(**{name: int(value) if value.lstrip("-").isdigit() else value == "True"})
+        apply_knob(item, "--knob")
     if args.profile:
         return profile_once()
     props = torch.cuda.get_device_properties(0)

@@ -30,7 +30,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import platform
 import sys
 import time
@@ -260,7 +259,6 @@ def measure_decode_fast(model, clock: Clock, batch: int, context: int, args) -> 
     steps(args.decode_warmup)
     seconds = clock.median_seconds(lambda: steps(args.decode_steps), 0, 1) / args.decode_steps
     mode = "cuda graph" if decoder.cuda_graph else "eager step"
-    del decoder
     return dict(value=batch / seconds, unit="tokens/s", ms_per_token=seconds * 1e3, mode=mode, peak_gb=clock.peak_gb())
 
 

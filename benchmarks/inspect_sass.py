@@ -22,6 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from bench_m2rnn import apply_knob  # benchmarks/ is on the path when this script runs
 from m2rnn.kernels import m2rnn_triton
 
 INSTRUCTION_CLASSES = {
@@ -123,10 +124,7 @@ def main() -> None:
     parser.add_argument("--dump", help="write the full SASS here")
     args = parser.parse_args()
     for item in args.set:
-        name, _, value = item.partition("=")
-        if not hasattr(m2rnn_triton, name):
-            raise SystemExit(f"--set: m2rnn_triton has no knob named {name!r}")
-        setattr(m2rnn_triton, name, int(value) if value.lstrip("-").isdigit() else value == "True")
+        apply_knob(item, "--set")
     kernel = compile_kernel(args.kernel, args.dtype, args.block_k, args.warps)
     instructions = disassemble(kernel.asm["cubin"])
     if args.dump:

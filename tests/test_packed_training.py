@@ -25,14 +25,6 @@ COLLATORS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops run fastest on one thread, and other test files share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_model(mixer_types: list[str], attn_implementation: str = "sdpa", seed: int = 0) -> M2RNNForCausalLM:
     torch.manual_seed(seed)

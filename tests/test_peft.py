@@ -19,13 +19,6 @@ from m2rnn.training import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def base_model(seed: int = 0) -> M2RNNForCausalLM:
     """The tiny preset: M2RNN, GDN and attention mixers, SwiGLU MLPs and one MoE layer with a gated shared expert."""

@@ -8,13 +8,6 @@ from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Train
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_model(seed: int = 0) -> M2RNNForCausalLM:
     torch.manual_seed(seed)
