@@ -513,13 +513,15 @@ def load_without_package(
 ) -> Any:
     """Load `folder` with `trust_remote_code=True` in a fresh Python (`-I`, another working directory) that cannot
     import m2rnn nor the packages in `hide` (default: the optional kernel packages, as on a machine with only torch
-    and transformers), and return the logits for `input_ids`. Raises RuntimeError with the child's output."""
+    and transformers), and return the logits for `input_ids`, computed with the caller's number of CPU threads so that
+    they can be compared bit for bit. Raises RuntimeError with the child's output."""
     import torch
 
     with tempfile.TemporaryDirectory(prefix="m2rnn-load-check-") as scratch:
         output = Path(scratch) / "logits.pt"
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env.update(HF_MODULES_CACHE=str(Path(scratch) / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        env.update(HF_MODULES_CACHE=str(Path(scratch) / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   OMP_NUM_THREADS=str(torch.get_num_threads()))  # the caller's threads: same reduction order
         command = [sys.executable, "-I", "-c", _ISOLATED_LOAD, str(Path(folder).resolve()), str(output), PACKAGE,
                    ",".join(hide), json.dumps(input_ids)]
         result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)

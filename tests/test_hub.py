@@ -53,8 +53,15 @@ def tiny_model() -> M2RNNForCausalLM:
 
 @pytest.fixture(scope="module")
 def reference_logits(tiny_model) -> torch.Tensor:
-    with torch.no_grad():
-        return tiny_model(torch.tensor(INPUT_IDS)).logits
+    """On one thread, as every test runs (conftest), so that logits compare bit for bit: the reduction order of
+    a CPU matmul depends on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return tiny_model(torch.tensor(INPUT_IDS)).logits
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
