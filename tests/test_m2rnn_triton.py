@@ -118,6 +118,27 @@ def test_matches_reference_fp16(half_state_dot, unroll, monkeypatch):
                  reference(inputs, gradient_clipping=0.05), 2e-2, "fp16")
 
 
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_exported_forward_backward_pair_equals_autograd(with_h0):
+    """The pair that the torch.library ops wrap (forward returning its checkpoints, backward starting from them)
+    gives the autograd path's outputs and gradients."""
+    inputs = make_inputs(2, 11, 4, 16, 8, GROUPINGS["shared_qk"])
+    if not with_h0:
+        inputs[-1] = None
+    y, ht, grads = run(m2rnn_recurrence_triton, inputs, gradient_clipping=0.05)
+    y2, ht2, checkpoints = m2rnn_triton.m2rnn_recurrence_triton_forward(*inputs)
+    assert checkpoints.shape == m2rnn_triton.checkpoints_shape(inputs[0], inputs[2], 4, None)
+    g = torch.Generator().manual_seed(1)  # the same cotangents as `run`
+    dy, dht = torch.randn(y.shape, generator=g).to(y.device), torch.randn(ht.shape, generator=g).to(ht.device)
+    grads2 = m2rnn_triton.m2rnn_recurrence_triton_backward(
+        *inputs, checkpoints, dy, dht, gradient_clipping=0.05
+    )
+    assert torch.equal(y, y2) and torch.equal(ht, ht2)
+    assert (grads2[5] is None) == (not with_h0)
+    for a, b in zip(grads, [x for x in grads2 if x is not None]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_loss_on_final_state_only():
     inputs = make_inputs(1, 11, 2, 16, 16)
     assert_close(run(m2rnn_recurrence_triton, inputs, final_only=True), reference(inputs, final_only=True), 1e-4)

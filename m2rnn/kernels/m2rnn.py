@@ -1,8 +1,9 @@
 """The dispatch point of the M2RNN recurrence: `m2rnn_recurrence` picks a backend and calls it.
 
 While `torch.compile` traces, the Triton backend is called through `torch.library` custom ops (`m2rnn::*`,
-registered below around the functions `m2rnn_triton` exports), so that dynamo sees one opaque op with a fake
-(shape-only) implementation instead of tracing the launch code; eager calls go straight to the kernels.
+registered below around the forward/backward pair `m2rnn_triton` exports, which share the float32 checkpoints as
+the eager autograd path does), so that dynamo sees opaque ops with fake (shape-only) implementations instead of
+tracing the launch code; eager calls go straight to the kernels.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch
 from .m2rnn_torch import m2rnn_decode_step_torch, m2rnn_recurrence_torch
 
 try:  # triton is optional: the CPU wheel of torch does not bring it
+    from . import m2rnn_triton
     from .m2rnn_triton import m2rnn_decode_step_triton, m2rnn_recurrence_triton
 except ImportError:  # pragma: no cover - depends on the environment
-    m2rnn_recurrence_triton = m2rnn_decode_step_triton = None
+    m2rnn_triton = m2rnn_recurrence_triton = m2rnn_decode_step_triton = None
 
 BACKENDS = ("torch", "triton")
 
@@ -104,15 +106,15 @@ def _num_heads(q, k, v, weight, forget) -> int:
 
 
 def _recurrence_op(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping):
-    """The Triton recurrence as custom ops: forward, and a backward that recomputes the forward with autograd.
+    """The Triton recurrence as custom ops: a forward that also returns its float32 checkpoints (saved for the
+    backward, not returned to the caller) and a backward that starts from them, as the eager autograd path does."""
+    y, final_state, _ = torch.ops.m2rnn.recurrence_triton(
+        q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping
+    )
+    return y, final_state
 
-    The recomputation costs one extra forward in the backward pass (the exported Triton API keeps its checkpoints
-    private); it is used only under torch.compile.
-    """
-    return torch.ops.m2rnn.recurrence_triton(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping)
 
-
-if m2rnn_recurrence_triton is not None:
+if m2rnn_triton is not None:
 
     @torch.library.custom_op("m2rnn::recurrence_triton", mutates_args=())
     def _recurrence_triton_op(
@@ -124,17 +126,19 @@ if m2rnn_recurrence_triton is not None:
         initial_state: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
         gradient_clipping: float | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            y, final_state = m2rnn_recurrence_triton(q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens)
-        return y, final_state
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return m2rnn_triton.m2rnn_recurrence_triton_forward(
+            q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens
+        )
 
     @_recurrence_triton_op.register_fake
     def _(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping):
         heads = _num_heads(q, k, v, weight, forget)
         batch = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         y = q.new_empty(*q.shape[:-2], heads, v.shape[-1])
-        return y, q.new_empty(batch, heads, q.shape[-1], v.shape[-1], dtype=torch.float32)
+        final_state = q.new_empty(batch, heads, q.shape[-1], v.shape[-1], dtype=torch.float32)
+        checkpoints = q.new_empty(m2rnn_triton.checkpoints_shape(q, v, heads, cu_seqlens), dtype=torch.float32)
+        return y, final_state, checkpoints
 
     @torch.library.custom_op("m2rnn::recurrence_triton_backward", mutates_args=())
     def _recurrence_triton_backward_op(
@@ -146,40 +150,37 @@ if m2rnn_recurrence_triton is not None:
         initial_state: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
         gradient_clipping: float | None,
+        checkpoints: torch.Tensor,
         dy: torch.Tensor,
         d_final_state: torch.Tensor,
     ) -> list[torch.Tensor]:
-        inputs = [x.detach().requires_grad_() for x in (q, k, v, weight, forget)]
-        h0 = initial_state.detach().requires_grad_() if initial_state is not None else None
-        with torch.enable_grad():
-            y, final_state = m2rnn_recurrence_triton(
-                *inputs, h0, cu_seqlens=cu_seqlens, gradient_clipping=gradient_clipping
-            )
-            wrt = inputs + ([h0] if h0 is not None else [])
-            grads = torch.autograd.grad((y, final_state), wrt, (dy, d_final_state), allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, wrt)]
-        return grads if h0 is not None else grads + [q.new_empty(0)]
+        *grads, dh0 = m2rnn_triton.m2rnn_recurrence_triton_backward(
+            q, k, v, weight, forget, initial_state, checkpoints, dy, d_final_state, cu_seqlens=cu_seqlens,
+            gradient_clipping=gradient_clipping,
+        )
+        return grads + [dh0 if dh0 is not None else q.new_empty(0)]
 
     @_recurrence_triton_backward_op.register_fake
-    def _(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping, dy, d_final_state):
+    def _(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping, checkpoints, dy, d_final_state):
         h0_grad = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
         return [torch.empty_like(x) for x in (q, k, v, weight, forget)] + [h0_grad]
 
     def _setup_context(ctx, inputs, output):
         q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping = inputs
-        ctx.save_for_backward(q, k, v, weight, forget, initial_state, cu_seqlens)
+        ctx.save_for_backward(q, k, v, weight, forget, initial_state, cu_seqlens, output[2])
         ctx.gradient_clipping = gradient_clipping
 
-    def _backward(ctx, dy, d_final_state):
-        q, k, v, weight, forget, initial_state, cu_seqlens = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros(*q.shape[:-2], _num_heads(q, k, v, weight, forget), v.shape[-1], dtype=q.dtype, device=q.device)
-        if d_final_state is None:
+    def _backward(ctx, dy, d_final_state, _d_checkpoints):
+        q, k, v, weight, forget, initial_state, cu_seqlens, checkpoints = ctx.saved_tensors
+        if d_final_state is None:  # the backward kernel reads dy always; a missing final-state gradient is zero
             batch = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
             heads = _num_heads(q, k, v, weight, forget)
             d_final_state = torch.zeros(batch, heads, q.shape[-1], v.shape[-1], dtype=torch.float32, device=q.device)
+        if dy is None:
+            dy = torch.zeros(*q.shape[:-2], _num_heads(q, k, v, weight, forget), v.shape[-1], dtype=q.dtype,
+                             device=q.device)
         dq, dk, dv, dw, df, dh0 = torch.ops.m2rnn.recurrence_triton_backward(
-            q, k, v, weight, forget, initial_state, cu_seqlens, ctx.gradient_clipping, dy, d_final_state
+            q, k, v, weight, forget, initial_state, cu_seqlens, ctx.gradient_clipping, checkpoints, dy, d_final_state
         )
         return dq, dk, dv, dw, df, (dh0 if initial_state is not None else None), None, None
 

@@ -411,17 +411,15 @@ class _Layout:
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
             chunks = (lengths + checkpoint_interval - 1) // checkpoint_interval
             self.chunk_offsets = (torch.cumsum(chunks, 0) - chunks).to(torch.int32)
-            # Σ ⌈len/C⌉ ≤ T/C + number of sequences: an upper bound that needs no host sync.
-            self.total_chunks = self.tokens // checkpoint_interval + self.batch
             self.cu_seqlens = cu_seqlens
         else:
             self.batch, self.seqlen = q.shape[:2]
             self.tokens = self.batch * self.seqlen
             self.chunks_per_seq = triton.cdiv(self.seqlen, checkpoint_interval)
-            self.total_chunks = self.batch * self.chunks_per_seq
             self.chunk_offsets = None
             self.cu_seqlens = None
         self.heads = heads
+        self.total_chunks = checkpoints_shape(q, v, heads, cu_seqlens, checkpoint_interval)[0]
         self.key_dim = q.shape[-1]
         self.value_dim = v.shape[-1]
         self.chunk = checkpoint_interval
@@ -510,6 +508,24 @@ def _backward(layout: _Layout, q, k, v, weight, forget, checkpoints, dy, d_final
     return dq, dk, dv, dw, df, (dh0 if needs_dh0 else None)
 
 
+def _shapes_and_dtypes(*tensors) -> tuple:
+    return tuple(None if x is None else (x.shape, x.dtype) for x in tensors)
+
+
+def _input_gradients(layout: _Layout, saved, like, checkpoints, dy, d_final_state, clip, needs_dh0: bool):
+    """Gradients of (q, k, v, weight, forget, initial_state) from the float32 checkpoints, with the (shape, dtype)
+    pairs in `like`; `saved` are the token-major tensors `_prepare` made of the inputs. dh0 is None unless
+    `needs_dh0`."""
+    q = saved[0]
+    if dy is None:
+        dy = torch.zeros(layout.tokens, layout.heads, layout.value_dim, dtype=q.dtype, device=q.device)
+    dy = dy.reshape(layout.tokens, layout.heads, layout.value_dim).contiguous()
+    if d_final_state is not None:
+        d_final_state = d_final_state.contiguous()
+    grads = _backward(layout, *saved, checkpoints, dy, d_final_state, clip, needs_dh0)
+    return tuple(None if g is None else g.reshape(spec[0]).to(spec[1]) for g, spec in zip(grads, like))
+
+
 class _M2RNNTriton(torch.autograd.Function):
     """Autograd wrapper: forward keeps the inputs and the float32 checkpoints; backward recomputes per chunk."""
 
@@ -519,37 +535,56 @@ class _M2RNNTriton(torch.autograd.Function):
         y, final_state, checkpoints = _forward(layout, *inputs, store_checkpoints=True)
         ctx.save_for_backward(*inputs[:5], checkpoints)
         ctx.layout = layout
-        ctx.shapes = (q.shape, k.shape, v.shape, forget.shape)
-        ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+        ctx.like = _shapes_and_dtypes(q, k, v, weight, forget, initial_state)
         ctx.gradient_clipping = gradient_clipping
-        out_shape = (*q.shape[:-2], heads, v.shape[-1])
-        return y.reshape(out_shape), final_state
+        return y.reshape(*q.shape[:-2], heads, v.shape[-1]), final_state
 
     @staticmethod
     def backward(ctx, dy, d_final_state):
-        q, k, v, weight, forget, checkpoints = ctx.saved_tensors
-        layout = ctx.layout
-        if dy is None:
-            dy = torch.zeros(layout.tokens, layout.heads, layout.value_dim, dtype=q.dtype, device=q.device)
-        dy = dy.reshape(layout.tokens, layout.heads, layout.value_dim).contiguous()
-        if d_final_state is not None:
-            d_final_state = d_final_state.contiguous()
-        needs_dh0 = ctx.h0_dtype is not None and ctx.needs_input_grad[5]
-        dq, dk, dv, dw, df, dh0 = _backward(
-            layout, q, k, v, weight, forget, checkpoints, dy, d_final_state, ctx.gradient_clipping, needs_dh0
-        )
-        q_shape, k_shape, v_shape, f_shape = ctx.shapes
-        return (
-            dq.reshape(q_shape).to(q.dtype),
-            dk.reshape(k_shape).to(k.dtype),
-            dv.reshape(v_shape).to(v.dtype),
-            dw.to(weight.dtype),
-            df.reshape(f_shape).to(forget.dtype),
-            dh0.to(ctx.h0_dtype) if dh0 is not None else None,
-            None,
-            None,
-            None,
-        )
+        *saved, checkpoints = ctx.saved_tensors
+        needs_dh0 = ctx.like[5] is not None and ctx.needs_input_grad[5]
+        grads = _input_gradients(ctx.layout, saved, ctx.like, checkpoints, dy, d_final_state,
+                                 ctx.gradient_clipping, needs_dh0)
+        return (*grads, None, None, None)
+
+
+def m2rnn_recurrence_triton_forward(
+    q, k, v, weight, forget, initial_state=None, *, cu_seqlens=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward that keeps what the backward needs: ``(y, final_state, checkpoints)``, no autograd.
+
+    For registering the op with `torch.library` (m2rnn.kernels.m2rnn), where autograd is wired outside; pair it with
+    `m2rnn_recurrence_triton_backward` on the same inputs. Needs at least one token.
+    """
+    heads = check_recurrence_inputs(q, k, v, weight, forget, initial_state, cu_seqlens)
+    _check_dims(q.shape[-1], v.shape[-1])
+    layout, inputs = _prepare(q, k, v, weight, forget, initial_state, cu_seqlens, heads)
+    y, final_state, checkpoints = _forward(layout, *inputs, store_checkpoints=True)
+    return y.reshape(*q.shape[:-2], heads, v.shape[-1]), final_state, checkpoints
+
+
+def m2rnn_recurrence_triton_backward(
+    q, k, v, weight, forget, initial_state, checkpoints, dy, d_final_state, *, cu_seqlens=None,
+    gradient_clipping=None,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of (q, k, v, weight, forget, initial_state) from `m2rnn_recurrence_triton_forward`'s checkpoints;
+    the last is None without an initial state. `dy` / `d_final_state` may be None (no gradient flowing there)."""
+    heads = check_recurrence_inputs(q, k, v, weight, forget, initial_state, cu_seqlens)
+    layout, prepared = _prepare(q, k, v, weight, forget, initial_state, cu_seqlens, heads)
+    like = _shapes_and_dtypes(q, k, v, weight, forget, initial_state)
+    return _input_gradients(layout, prepared[:5], like, checkpoints, dy, d_final_state, gradient_clipping,
+                            initial_state is not None)
+
+
+def checkpoints_shape(q: torch.Tensor, v: torch.Tensor, heads: int, cu_seqlens: torch.Tensor | None,
+                      chunk: int | None = None) -> tuple:
+    """Shape of the float32 checkpoint buffer the forward keeps (also for shape-only fake tensors)."""
+    chunk = chunk or CHECKPOINT_INTERVAL
+    if cu_seqlens is None:
+        total = q.shape[0] * triton.cdiv(q.shape[1], chunk)
+    else:  # Σ ⌈len/C⌉ ≤ T/C + number of sequences: an upper bound that needs no host sync
+        total = q.shape[0] // chunk + cu_seqlens.shape[0] - 1
+    return (total, heads, q.shape[-1], v.shape[-1])
 
 
 def m2rnn_recurrence_triton(
