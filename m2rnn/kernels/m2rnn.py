@@ -15,10 +15,15 @@ import torch
 from .m2rnn_torch import m2rnn_decode_step_torch, m2rnn_recurrence_torch
 
 try:  # triton is optional: the CPU wheel of torch does not bring it
-    from . import m2rnn_triton
-    from .m2rnn_triton import m2rnn_decode_step_triton, m2rnn_recurrence_triton
+    from .m2rnn_triton import (
+        checkpoints_shape,
+        m2rnn_decode_step_triton,
+        m2rnn_recurrence_triton,
+        m2rnn_recurrence_triton_backward,
+        m2rnn_recurrence_triton_forward,
+    )
 except ImportError:  # pragma: no cover - depends on the environment
-    m2rnn_triton = m2rnn_recurrence_triton = m2rnn_decode_step_triton = None
+    m2rnn_recurrence_triton = m2rnn_decode_step_triton = None
 
 BACKENDS = ("torch", "triton")
 
@@ -114,7 +119,7 @@ def _recurrence_op(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_
     return y, final_state
 
 
-if m2rnn_triton is not None:
+if m2rnn_recurrence_triton is not None:
 
     @torch.library.custom_op("m2rnn::recurrence_triton", mutates_args=())
     def _recurrence_triton_op(
@@ -127,7 +132,7 @@ if m2rnn_triton is not None:
         cu_seqlens: torch.Tensor | None,
         gradient_clipping: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return m2rnn_triton.m2rnn_recurrence_triton_forward(
+        return m2rnn_recurrence_triton_forward(
             q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens
         )
 
@@ -137,7 +142,7 @@ if m2rnn_triton is not None:
         batch = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         y = q.new_empty(*q.shape[:-2], heads, v.shape[-1])
         final_state = q.new_empty(batch, heads, q.shape[-1], v.shape[-1], dtype=torch.float32)
-        checkpoints = q.new_empty(m2rnn_triton.checkpoints_shape(q, v, heads, cu_seqlens), dtype=torch.float32)
+        checkpoints = q.new_empty(checkpoints_shape(q, v, heads, cu_seqlens), dtype=torch.float32)
         return y, final_state, checkpoints
 
     @torch.library.custom_op("m2rnn::recurrence_triton_backward", mutates_args=())
@@ -154,7 +159,7 @@ if m2rnn_triton is not None:
         dy: torch.Tensor,
         d_final_state: torch.Tensor,
     ) -> list[torch.Tensor]:
-        *grads, dh0 = m2rnn_triton.m2rnn_recurrence_triton_backward(
+        *grads, dh0 = m2rnn_recurrence_triton_backward(
             q, k, v, weight, forget, initial_state, checkpoints, dy, d_final_state, cu_seqlens=cu_seqlens,
             gradient_clipping=gradient_clipping,
         )
