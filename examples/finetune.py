@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFlattening
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
-from m2rnn.training import BYTE_VOCAB_SIZE, byte_level_tokenizer, text_documents
+from m2rnn.tokenization import BYTE_VOCAB_SIZE, byte_level_tokenizer
+from m2rnn.training import text_documents
 from m2rnn.utils import staged_folder
 
 DATA = Path(__file__).parent / "data" / "tiny_corpus.txt"

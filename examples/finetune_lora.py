@@ -23,10 +23,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFlattening, Trainer, TrainingArguments
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
+from m2rnn.tokenization import BYTE_VOCAB_SIZE, byte_level_tokenizer
 from m2rnn.training import (
-    BYTE_VOCAB_SIZE,
     STATE_WEIGHT_TARGET,
-    byte_level_tokenizer,
     merge_and_unload,
     recurrent_modules_to_save,
     text_documents,

@@ -39,7 +39,7 @@ def tiny_hybrid_config(vocab_size: int) -> M2RNNConfig:
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
         num_attention_heads=4, num_key_value_heads=2,
         rope_parameters={"rope_theta": 10_000.0, "partial_rotary_factor": 1.0},
-        pad_token_id=0, eos_token_id=1, bos_token_id=None,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,  # m2rnn.tokenization.byte_level_tokenizer ids
     )
 
 

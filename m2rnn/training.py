@@ -1,5 +1,5 @@
 """Fine-tuning helpers: PEFT target names per layer type, default LoRA targets registered with PEFT, the recipe for
-the recurrent parameters LoRA cannot wrap, and a byte-level tokenizer plus a text loader for offline examples.
+the recurrent parameters LoRA cannot wrap, and a text loader for offline examples.
 
 Nothing here is needed to train with `Trainer`: the model computes its causal-LM loss from `labels`, honours
 `num_items_in_batch`, supports gradient checkpointing and reads padding-free batches from
@@ -152,49 +152,8 @@ def install_peft_defaults() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A byte-level tokenizer and local text, for examples and tests that must run offline
+# Local text for offline examples (tokenize it with `m2rnn.tokenization.byte_level_tokenizer`)
 # ---------------------------------------------------------------------------------------------------------------
-BYTE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
-BYTE_VOCAB_SIZE = len(BYTE_SPECIAL_TOKENS) + 256
-"""Ids 0–3 are pad, bos, eos, unk; ids 4–259 are the 256 byte values (so any UTF-8 text round-trips)."""
-
-
-def byte_level_tokenizer(model_max_length: int = 2048) -> Any:
-    """A `PreTrainedTokenizerFast` with one token per UTF-8 byte, built offline from the `tokenizers` library.
-
-    Good for examples and tests with tiny models (pair it with `vocab_size=BYTE_VOCAB_SIZE`, `pad_token_id=0`,
-    `bos_token_id=1`, `eos_token_id=2`); real fine-tuning uses the checkpoint's own tokenizer.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_chars = _byte_chars()
-    if set(byte_chars) != set(pre_tokenizers.ByteLevel.alphabet()):  # a tokenizers release changed the table
-        raise RuntimeError("byte_level_tokenizer: tokenizers' ByteLevel alphabet is not GPT-2's byte table")
-    vocab = {token: i for i, token in enumerate(BYTE_SPECIAL_TOKENS)}
-    vocab.update({char: len(BYTE_SPECIAL_TOKENS) + i for i, char in enumerate(byte_chars)})
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_max_length=model_max_length,
-        pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-    )
-
-
-def _byte_chars() -> list[str]:
-    """GPT-2's byte → printable character table (the alphabet of `pre_tokenizers.ByteLevel`), indexed by byte."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
-    chars, shifted = [], 0
-    for byte in range(256):
-        if byte in printable:
-            chars.append(chr(byte))
-        else:
-            chars.append(chr(256 + shifted))
-            shifted += 1
-    return chars
-
-
 def text_documents(path: str | os.PathLike, tokenizer: Any, max_length: int = 256) -> list[dict[str, list[int]]]:
     """Documents from a local text file, one per blank-line-separated paragraph: `<s> text </s>` token ids,
     split into pieces of at most `max_length` tokens. Returns `[{"input_ids": [...]}, ...]` (a map-style dataset)."""
@@ -213,12 +172,10 @@ def text_documents(path: str | os.PathLike, tokenizer: Any, max_length: int = 25
 
 
 __all__ = [
-    "BYTE_VOCAB_SIZE",
     "DEFAULT_LORA_TARGET_MODULES",
     "LORA_TARGET_MODULES",
     "RECURRENT_PARAMETERS",
     "STATE_WEIGHT_TARGET",
-    "byte_level_tokenizer",
     "install_peft_defaults",
     "lora_target_modules",
     "merge_and_unload",

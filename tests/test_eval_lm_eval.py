@@ -53,8 +53,8 @@ metric_list:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     torch.manual_seed(0)
-    model = M2RNNForCausalLM(M2RNNConfig.from_preset("tiny", vocab_size=260, pad_token_id=256, bos_token_id=257,
-                                                     eos_token_id=258))
+    model = M2RNNForCausalLM(M2RNNConfig.from_preset("tiny", vocab_size=260, pad_token_id=0, bos_token_id=1,
+                                                     eos_token_id=2))
     model.save_pretrained(root / "model")
     byte_level_tokenizer().save_pretrained(root / "model")
     docs = [

@@ -153,7 +153,7 @@ def test_missing_data_is_named(tmp_path):
 
 def _tiny_model_dir(folder):
     torch.manual_seed(0)
-    config = M2RNNConfig.from_preset("tiny", vocab_size=260, pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    config = M2RNNConfig.from_preset("tiny", vocab_size=260, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                      max_position_embeddings=800)
     M2RNNForCausalLM(config).save_pretrained(folder)
     byte_level_tokenizer().save_pretrained(folder)
@@ -162,7 +162,7 @@ def _tiny_model_dir(folder):
 
 def test_hf_generator_batches_left_padded_prompts():
     torch.manual_seed(0)
-    config = M2RNNConfig.from_preset("tiny", vocab_size=260, pad_token_id=256, bos_token_id=257, eos_token_id=258)
+    config = M2RNNConfig.from_preset("tiny", vocab_size=260, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model = M2RNNForCausalLM(config).eval()
     generate = HFGenerator(model, byte_level_tokenizer())
     batched = generate(["short", "a much longer prompt"], 6)

@@ -88,7 +88,7 @@ def test_niah_command_with_a_tiny_model(tmp_path):
     from m2rnn.cli import main
 
     torch.manual_seed(0)
-    config = M2RNNConfig.from_preset("tiny", vocab_size=260, pad_token_id=256, bos_token_id=257, eos_token_id=258)
+    config = M2RNNConfig.from_preset("tiny", vocab_size=260, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     M2RNNForCausalLM(config).save_pretrained(tmp_path / "model")
     byte_level_tokenizer().save_pretrained(tmp_path / "model")
     out = tmp_path / "out"

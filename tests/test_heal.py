@@ -45,11 +45,11 @@ def one_thread():
 
 def tiny_config(**overrides) -> M2RNNConfig:
     settings = dict(
-        vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         mixer_types=["gated_deltanet", "gated_deltanet", "full_attention"], initializer_range=0.1,
         linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
         num_attention_heads=2, num_key_value_heads=2, rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 1.0},
-        pad_token_id=0, eos_token_id=1,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     return M2RNNConfig(**{**settings, **overrides})
 
@@ -255,7 +255,7 @@ def test_cli_heals_writes_the_folder_and_refuses_to_overwrite(checkpoints, tmp_p
     assert "| after stage 2 |" in (output / "results.md").read_text()
     healed = AutoModelForCausalLM.from_pretrained(output)
     assert healed.config.mixer_types == ["gated_deltanet", "m2rnn", "full_attention"]
-    assert len(AutoTokenizer.from_pretrained(output)) == 258
+    assert len(AutoTokenizer.from_pretrained(output)) == 260
     name = "model.layers.1.mixer.in_proj.weight"
     student = AutoModelForCausalLM.from_pretrained(checkpoints / "student").state_dict()
     assert not torch.equal(healed.state_dict()[name], student[name])  # the saved model is the healed one
@@ -280,7 +280,7 @@ def test_cli_heals_writes_the_folder_and_refuses_to_overwrite(checkpoints, tmp_p
         ("no_tokenizer", "no tokenizer files in"),
         ("bad_column", "no text field 'body' (text_column)"),
         ("layer_not_m2rnn", "`layers` entry 2: the student's layer 2 is 'full_attention'"),
-        ("vocab_mismatch", "teacher and student differ in `vocab_size`: teacher 258, student 300"),
+        ("vocab_mismatch", "teacher and student differ in `vocab_size`: teacher 260, student 300"),
         ("layers_with_swap", "--layers goes with --student"),
         ("missing_file", "does not exist"),
     ],

@@ -204,19 +204,7 @@ def environment() -> dict[str, str]:
 
 
 def byte_level_tokenizer() -> Any:
-    """A tokenizer where every byte is one token (ids 0–255) plus `<pad>`=256, `<s>`=257, `</s>`=258.
+    """`m2rnn.tokenization.byte_level_tokenizer` padded on the left, as batched generation needs (smoke tests)."""
+    from ..tokenization import byte_level_tokenizer as build
 
-    For smoke tests with tiny random models (a model needs `vocab_size >= 259`): any text round-trips and
-    token counts are byte counts.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(["<pad>", "<s>", "</s>"])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
-    )
+    return build(padding_side="left")

@@ -23,7 +23,7 @@ from .healing import (
 )
 from .report import write_results
 from .run import heal_checkpoint
-from .tokenizer import byte_level_tokenizer
+from ..tokenization import byte_level_tokenizer
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
