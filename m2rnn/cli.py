@@ -1,8 +1,15 @@
-"""The `m2rnn` console script: `m2rnn demo` (more subcommands join as they land)."""
+"""The `m2rnn` console script: `demo`, `eval`, `convert`, `heal`, `card` and `push`.
+
+Every failure ends as one line on stderr, `m2rnn COMMAND: error: MESSAGE`, with exit code 1 (2 for usage errors,
+as argparse does, 130 for Ctrl-C, 143 for SIGTERM); set `M2RNN_TRACEBACK=1` to see the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
 from typing import Sequence
 
 
@@ -55,10 +62,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds like an error, so staged outputs delete their partial folders
+
+
+def _one_line(error: BaseException) -> str:
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (KeyError, AttributeError, TypeError, IndexError, RuntimeError, ImportError)):
+        message = f"{type(error).__name__}: {message}"
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    if os.environ.get("M2RNN_TRACEBACK"):
+        return args.func(args)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"m2rnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the CLI's promise: one line, never a traceback
+        print(f"m2rnn {args.command}: error: {_one_line(error)} (M2RNN_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
