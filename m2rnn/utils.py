@@ -72,6 +72,9 @@ def check_output(output: PathLike, inputs: Iterable[PathLike | None] = (), overw
             raise OutputError(f"{option} {str(output)!r} is, or lies inside, the input {str(given)!r}; inputs are never written")
         if _is_within(source, target):
             raise OutputError(f"{option} {str(output)!r} contains the input {str(given)!r}; replacing it would delete the input")
+    blocking_file = next((parent for parent in target.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking_file is not None:
+        raise OutputError(f"{option} {str(output)!r} lies below {str(blocking_file)!r}, which is a file, not a folder")
     if target.exists() or target.is_symlink():
         if not overwrite:
             raise OutputError(f"{option} {str(output)!r} already exists; pass --overwrite (overwrite=True) to replace it")
@@ -139,7 +142,7 @@ def staged_folder(target: PathLike) -> Iterator[Path]:
     rename has worked. Callers decide beforehand whether replacing an existing `target` is allowed (see
     `staged_output`, which applies the project's rule). The result carries `OUTPUT_MARKER`.
     """
-    target = Path(target)
+    target = Path(os.path.expanduser(os.fspath(target)))
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(target)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))

@@ -113,3 +113,14 @@ def test_output_honours_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_output_below_a_file_and_home_expansion(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(OutputError, match="which is a file"):
+        check_output(tmp_path / "notes.txt" / "out")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "..")
+    with staged_output("~/out") as staging:
+        (staging / "f").write_text("x")
+    assert (tmp_path / "out" / "f").exists() and not (tmp_path / ".." / "~").exists()
