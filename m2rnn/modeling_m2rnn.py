@@ -693,6 +693,42 @@ class M2RNNPreTrainedModel(PreTrainedModel):
             if module.D is not None:
                 init.ones_(module.D)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, strict: bool = True, **kwargs: Any):
+        """transformers' `from_pretrained`, strict by default: weights the model expects but the checkpoint lacks,
+        weights the model has no place for, and weights of another shape raise a `ValueError` naming them (transformers
+        alone logs a LOAD REPORT and leaves random weights in place). `strict=False` opts out and restores
+        transformers' behaviour; `ignore_mismatched_sizes=True` allows only shape mismatches (reinitialised)."""
+        if not strict:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return_info = kwargs.pop("output_loading_info", False)
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        unexpected = info["unexpected_keys"]
+        if not hasattr(model, "lm_head"):  # the base model of a causal-LM checkpoint leaves its head behind
+            unexpected = {key for key in unexpected if not key.startswith("lm_head.")}
+        problems = [
+            f"{label} {_some(keys)}"
+            for label, keys in (
+                ("missing from the checkpoint:", info["missing_keys"]),
+                ("in the checkpoint but not in the model:", unexpected),
+            )
+            if keys
+        ]
+        if info["mismatched_keys"] and not allow_mismatch:
+            shapes = [f"{key} {tuple(saved)} vs model {tuple(model_shape)}" for key, saved, model_shape in info["mismatched_keys"]]
+            problems.append(f"of another shape: {_some(shapes)}")
+        if problems:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): weights "
+                + "; weights ".join(problems)
+                + ". The checkpoint does not match this configuration; pass strict=False to load it anyway "
+                "(those weights are then freshly initialised or dropped)"
+            )
+        return (model, info) if return_info else model
+
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
         """transformers' save, plus what makes the folder load anywhere with `trust_remote_code=True`: the flat code
         files, `auto_map` and a model card (`m2rnn.hub`)."""
@@ -713,6 +749,13 @@ class M2RNNPreTrainedModel(PreTrainedModel):
         )
         dt = log_dt.exp().clamp_min(config.m2rnn_dt_init_floor)
         init.copy_(dt_bias, dt + torch.log(-torch.expm1(-dt)))
+
+
+def _some(names: Any, limit: int = 8) -> str:
+    """Up to `limit` sorted names, and how many more."""
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _cu_seqlens_from_position_ids(position_ids: torch.Tensor | None) -> torch.Tensor | None:
