@@ -653,7 +653,7 @@ class M2RNNPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["M2RNNDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]  # the cache's name before / from transformers 5.24
     _supports_flash_attn = True
     _supports_sdpa = True
     _is_stateful = True
@@ -958,15 +958,13 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
             and not getattr(cache, "_is_user_defined", False)
             and "full_attention" not in self.config.mixer_types
         ):
+            offloading = getattr(cache, "offloading", False)  # cache_implementation="offloaded"
             if isinstance(cache, StaticCache):
-                model_kwargs[name] = M2RNNStaticCache(config=self.config, max_cache_len=max_cache_length)
-            elif type(cache) is DynamicCache:
-                model_kwargs[name] = M2RNNCache(config=self.config)
-            else:
-                raise ValueError(
-                    f"M2RNNForCausalLM.generate: cache_implementation={generation_config.cache_implementation!r} "
-                    f"({type(cache).__name__}) is not supported by an attention-free model; use 'dynamic' or 'static'"
+                model_kwargs[name] = M2RNNStaticCache(
+                    config=self.config, max_cache_len=max_cache_length, offloading=offloading
                 )
+            elif type(cache) is DynamicCache:
+                model_kwargs[name] = M2RNNCache(config=self.config, offloading=offloading)
         return result
 
     @can_return_tuple
