@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from m2rnn import M2RNNCache, M2RNNStaticCache
 from m2rnn.modeling_m2rnn import _CACHE_FIELD
-from test_modeling import make_model, random_ids
+from test_modeling import make_model, random_ids, returned_cache
 
 # Our own code must not trigger transformers' deprecations (FutureWarning from `deprecate_kwarg`).
 pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
@@ -31,10 +31,6 @@ def no_deprecation_log():
     logger.removeHandler(handler)
     deprecations = [r.getMessage() for r in records if "deprecated" in r.getMessage()]
     assert not deprecations, deprecations
-
-
-def returned_cache(output):
-    return getattr(output, _CACHE_FIELD)
 
 
 def test_the_output_field_is_the_one_generate_reads():
