@@ -171,3 +171,22 @@ def test_nan_in_padded_embeddings_stays_out_of_the_real_tokens(name):
         alone = model(ids).logits
     assert torch.isfinite(padded[0, 3:]).all()
     torch.testing.assert_close(padded[0, 3:], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_static_decode_of_an_attention_free_model_compiles_without_breaks():
+    """On CUDA `generate` compiles the decode step of a compilable cache; the input checks and the token count must
+    trace with `fullgraph=True` (here with dynamo's eager backend, on any device) and recompile at most once."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = make_model("m2rnn")
+    ids = random_ids(2, 5, model.config.vocab_size)
+    compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    compile_config._compile_all_devices = True  # what `generate` does on CUDA, here on the CPU
+    torch._dynamo.reset()
+    counters.clear()
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static",
+                         compile_config=compile_config)
+    assert counters["stats"]["unique_graphs"] <= 2
+    assert out.tolist() == model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False).tolist()
+    torch._dynamo.reset()
