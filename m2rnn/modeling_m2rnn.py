@@ -621,7 +621,7 @@ class M2RNNStaticCache(_TokenCounter, StaticCache):
         self.seen_tokens = 0
 
 
-def check_cache(cache: Cache, config: M2RNNConfig) -> None:
+def _check_cache(cache: Cache, config: M2RNNConfig) -> None:
     """Refuse a cache whose layers do not match the model's: a recurrent layer needs a conv/recurrent-state layer
     (`LinearAttentionLayer`), an attention layer a key/value layer. `DynamicCache()` without `config=` has neither."""
     if not isinstance(cache, Cache):
@@ -866,7 +866,7 @@ class M2RNNModel(M2RNNPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         seq_len = inputs_embeds.shape[1]
         if past_key_values is not None:
-            check_cache(past_key_values, self.config)
+            _check_cache(past_key_values, self.config)
         if isinstance(attention_mask, torch.Tensor):
             _check_attention_mask(attention_mask, inputs_embeds.shape[0], seq_len, past_key_values)
 
