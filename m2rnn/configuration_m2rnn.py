@@ -74,7 +74,7 @@ class M2RNNConfig(PretrainedConfig):
     """
 
     model_type = "m2rnn"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache output before / from transformers 5.24
     base_model_tp_plan = {
         "layers.*.mixer.q_proj": "colwise",
         "layers.*.mixer.k_proj": "colwise",

@@ -190,3 +190,14 @@ def test_static_decode_of_an_attention_free_model_compiles_without_breaks():
     assert counters["stats"]["unique_graphs"] <= 2
     assert out.tolist() == model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False).tolist()
     torch._dynamo.reset()
+
+
+def test_trainer_predictions_leave_the_cache_out(tmp_path):
+    """Trainer drops `config.keys_to_ignore_at_inference` from outputs; from 5.24 the cache is called `cache`."""
+    from transformers import Trainer, TrainingArguments
+
+    model = make_model("tiny")
+    rows = [{"input_ids": ids} for ids in random_ids(4, 6, model.config.vocab_size).tolist()]
+    args = TrainingArguments(tmp_path, per_device_eval_batch_size=2, report_to=[], use_cpu=True, use_cache=True)
+    predictions = Trainer(model=model, args=args).predict(rows).predictions
+    assert predictions.shape == (4, 6, model.config.vocab_size)
