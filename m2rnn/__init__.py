@@ -7,7 +7,7 @@ Importing the package registers `M2RNNConfig` with `AutoConfig` and the models w
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_m2rnn import M2RNNConfig
-from .modeling_m2rnn import M2RNNCache, M2RNNForCausalLM, M2RNNModel, M2RNNPreTrainedModel
+from .modeling_m2rnn import M2RNNCache, M2RNNForCausalLM, M2RNNModel, M2RNNPreTrainedModel, M2RNNStaticCache
 
 AutoConfig.register(M2RNNConfig.model_type, M2RNNConfig, exist_ok=True)
 AutoModel.register(M2RNNConfig, M2RNNModel, exist_ok=True)
@@ -19,4 +19,4 @@ from .training import install_peft_defaults  # noqa: E402
 install_peft_defaults()
 
 __version__ = "0.1.0"
-__all__ = ["M2RNNCache", "M2RNNConfig", "M2RNNForCausalLM", "M2RNNModel", "M2RNNPreTrainedModel"]
+__all__ = ["M2RNNCache", "M2RNNConfig", "M2RNNForCausalLM", "M2RNNModel", "M2RNNPreTrainedModel", "M2RNNStaticCache"]

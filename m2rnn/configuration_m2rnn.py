@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 MIXER_TYPES = ("m2rnn", "gated_deltanet", "full_attention")
 QK_NORM_TYPES = (None, "per_head", "full")
@@ -72,7 +74,7 @@ class M2RNNConfig(PretrainedConfig):
     """
 
     model_type = "m2rnn"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache output before / from transformers 5.24
     base_model_tp_plan = {
         "layers.*.mixer.q_proj": "colwise",
         "layers.*.mixer.k_proj": "colwise",
@@ -193,7 +195,9 @@ class M2RNNConfig(PretrainedConfig):
 
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
-        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
+        if head_dim is None and _is_positive_int(num_attention_heads) and _is_positive_int(hidden_size):
+            head_dim = hidden_size // num_attention_heads
+        self.head_dim = head_dim
         self.rope_parameters = copy.deepcopy(rope_parameters)
         self.attention_output_gate = attention_output_gate
         self.attention_qk_norm = {True: "per_head", False: None}.get(attention_qk_norm, attention_qk_norm)
@@ -212,7 +216,14 @@ class M2RNNConfig(PretrainedConfig):
         self.mlp_only_layers = list(mlp_only_layers) if mlp_only_layers is not None else []
 
         kwargs.pop("layer_types", None)  # always derived from mixer_types
+        model_type = kwargs.pop("model_type", self.model_type)
+        if model_type != self.model_type:  # another family's config.json: its keys would be silently dropped
+            raise ValueError(
+                f"M2RNNConfig: `model_type`={model_type!r} is not {self.model_type!r}; this config belongs to another "
+                "model family (convert it first with `m2rnn convert`, or load it with AutoConfig)"
+            )
         self.layer_types = [_CACHE_LAYER_TYPE.get(m, m) for m in self.mixer_types]
+        self.pad_token_id = pad_token_id  # read by _validate; set again by PretrainedConfig
         self._validate()
         super().__init__(
             pad_token_id=pad_token_id,
@@ -253,9 +264,21 @@ class M2RNNConfig(PretrainedConfig):
         def fail(key: str, value: Any, why: str) -> None:
             raise ValueError(f"M2RNNConfig: `{key}`={value!r} {why}")
 
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+        for key in _POSITIVE_INT_KEYS:
+            if not _is_positive_int(getattr(self, key)):
                 fail(key, getattr(self, key), "must be a positive integer")
+        for key, low, inclusive in _FLOAT_RANGES:
+            value = getattr(self, key)
+            if not _is_number(value) or value < low or (value == low and not inclusive):
+                fail(key, value, f"must be a finite number {'>=' if inclusive else '>'} {low}")
+        if not (_is_number(self.attention_dropout) and 0 <= self.attention_dropout < 1):
+            fail("attention_dropout", self.attention_dropout, "must be in [0, 1)")
+        if self.hidden_act not in ACT2FN:
+            fail("hidden_act", self.hidden_act, "is not a transformers activation (e.g. 'silu', 'gelu'; see ACT2FN)")
+        if self.pad_token_id is not None and not (
+            isinstance(self.pad_token_id, int) and 0 <= self.pad_token_id < self.vocab_size
+        ):
+            fail("pad_token_id", self.pad_token_id, f"must be None or a token id in 0..vocab_size-1={self.vocab_size - 1}")
         if len(self.mixer_types) != self.num_hidden_layers:
             fail("mixer_types", self.mixer_types, f"must have num_hidden_layers={self.num_hidden_layers} entries")
         for i, mixer in enumerate(self.mixer_types):
@@ -268,16 +291,20 @@ class M2RNNConfig(PretrainedConfig):
                 count = getattr(self, name)
                 if not isinstance(count, int) or count <= 0 or heads % count:
                     fail(name, count, f"must be a positive integer dividing N={heads} (the largest head count)")
-            for name in ("m2rnn_key_head_dim", "m2rnn_value_head_dim", "m2rnn_conv_kernel_size"):
-                if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                    fail(name, getattr(self, name), "must be a positive integer")
-            if self.m2rnn_gradient_clipping is not None and self.m2rnn_gradient_clipping <= 0:
-                fail("m2rnn_gradient_clipping", self.m2rnn_gradient_clipping, "must be positive or None")
+            clipping = self.m2rnn_gradient_clipping
+            if clipping is not None and not (_is_number(clipping) and clipping > 0):
+                fail("m2rnn_gradient_clipping", clipping, "must be a positive finite number or None")
+            if len(self.m2rnn_A_init_range) != 2 or not all(_is_number(x) for x in self.m2rnn_A_init_range):
+                fail("m2rnn_A_init_range", self.m2rnn_A_init_range, "must be two finite numbers (low, high)")
             low, high = self.m2rnn_A_init_range
             if not 0 <= low < high:
                 fail("m2rnn_A_init_range", self.m2rnn_A_init_range, "must satisfy 0 <= low < high")
+            if not (_is_number(self.m2rnn_dt_max) and _is_number(self.m2rnn_dt_min)):
+                fail("m2rnn_dt_max", self.m2rnn_dt_max, f"and m2rnn_dt_min={self.m2rnn_dt_min} must be finite numbers")
             if not 0 < self.m2rnn_dt_min <= self.m2rnn_dt_max:
                 fail("m2rnn_dt_min", self.m2rnn_dt_min, f"must satisfy 0 < dt_min <= dt_max={self.m2rnn_dt_max}")
+            if not (_is_number(self.m2rnn_dt_init_floor) and self.m2rnn_dt_init_floor >= 0):
+                fail("m2rnn_dt_init_floor", self.m2rnn_dt_init_floor, "must be a finite number >= 0")
         if "gated_deltanet" in self.mixer_types and self.linear_num_value_heads % self.linear_num_key_heads:
             fail(
                 "linear_num_value_heads",
@@ -304,8 +331,17 @@ class M2RNNConfig(PretrainedConfig):
                 rotary = int(self.head_dim * factor)
                 if not 0 < factor <= 1 or rotary % 2:
                     fail("rope_parameters.partial_rotary_factor", factor, f"must give an even rotary dim <= head_dim={self.head_dim}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+            fail("num_experts", self.num_experts, "must be 0 (dense MLPs) or a positive integer")
+        if not isinstance(self.shared_expert_intermediate_size, int) or self.shared_expert_intermediate_size < 0:
+            fail("shared_expert_intermediate_size", self.shared_expert_intermediate_size, "must be an integer >= 0")
+        theta = self.rope_parameters.get("rope_theta", 1.0) if isinstance(self.rope_parameters, dict) else 1.0
+        if not (_is_number(theta) and theta > 0):
+            fail("rope_parameters.rope_theta", theta, "must be a positive finite number")
         if self.num_experts:
-            if not 0 < self.num_experts_per_tok <= self.num_experts:
+            if not _is_positive_int(self.moe_intermediate_size):
+                fail("moe_intermediate_size", self.moe_intermediate_size, "must be a positive integer")
+            if not isinstance(self.num_experts_per_tok, int) or not 0 < self.num_experts_per_tok <= self.num_experts:
                 fail("num_experts_per_tok", self.num_experts_per_tok, f"must be in 1..num_experts={self.num_experts}")
             for idx in self.mlp_only_layers:
                 if not 0 <= idx < self.num_hidden_layers:
@@ -324,6 +360,31 @@ class M2RNNConfig(PretrainedConfig):
         kwargs = _PRESETS[name]()
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+# sizes every layer kind reads (the attention and Gated DeltaNet shapes too, so a later mixer swap cannot fail)
+_POSITIVE_INT_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
+    "m2rnn_key_head_dim", "m2rnn_value_head_dim", "m2rnn_conv_kernel_size",
+    "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+    "linear_conv_kernel_dim", "num_attention_heads", "num_key_value_heads", "head_dim",
+)
+# (key, lower bound, bound allowed): eps ≤ 0 divides by zero in RMSNorm, NaN anywhere spreads to every logit
+_FLOAT_RANGES = (
+    ("rms_norm_eps", 0.0, False),
+    ("m2rnn_norm_eps", 0.0, False),
+    ("initializer_range", 0.0, True),
+    ("router_aux_loss_coef", 0.0, True),
+)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _pattern(num_layers: int, attention_at: list[int], default: str, m2rnn_at: list[int] = ()) -> list[str]:
@@ -362,9 +423,10 @@ def _paper_7b(default: str, m2rnn_at: list[int] = ()) -> dict[str, Any]:
 
 
 def _tiny() -> dict[str, Any]:
-    """A few hundred thousand parameters with every mixer, GQA, RoPE, qk-norm, an output gate and one MoE layer."""
+    """A few hundred thousand parameters with every mixer, GQA, RoPE, qk-norm, an output gate and one MoE layer; its
+    vocabulary and special ids are those of the byte-level tokenizer `m2rnn.tokenization` (260 ids; pad 0, bos 1, eos 2)."""
     return dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         mixer_types=["m2rnn", "gated_deltanet", "full_attention", "m2rnn"],
         m2rnn_key_head_dim=16, m2rnn_value_head_dim=8, m2rnn_num_q_heads=1, m2rnn_num_k_heads=1,
         m2rnn_num_v_heads=4, m2rnn_num_forget_heads=4, m2rnn_num_weight_heads=4, m2rnn_num_gate_heads=4,

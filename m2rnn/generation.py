@@ -24,6 +24,7 @@ Prefill always runs eagerly with the sequence kernels, into the same buffers.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 
 import torch
@@ -103,6 +104,8 @@ class StaticDecoder:
         self.warmup_steps = warmup_steps
 
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        # transformers 5.24 models take the cache as `cache` (`past_key_values` is deprecated there)
+        self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         long = dict(dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(batch_size, 1, **long)  # the token fed to the next step
         self.positions = torch.zeros(batch_size, 1, **long)  # its position per row (left padding shifts rows)
@@ -136,8 +139,7 @@ class StaticDecoder:
         # a 4-D mask reaches the attention layers as it is (transformers' mask functions pass 4-D masks through)
         out = self.model(
             input_ids=tokens, position_ids=positions, attention_mask=self._attention_mask(slot, slot_mask),
-            past_key_values=self.cache,
-            use_cache=True, logits_to_keep=1,
+            use_cache=True, logits_to_keep=1, **{self._cache_argument: self.cache},
         )
         positions.add_(1)
         slot.add_(1)
@@ -156,8 +158,8 @@ class StaticDecoder:
     def _allocate(self) -> None:
         """Create every state buffer with a 1-token forward, then warm up and capture the step, then reset."""
         self.model(
-            input_ids=self.tokens, position_ids=self.positions, past_key_values=self.cache, use_cache=True,
-            logits_to_keep=1,
+            input_ids=self.tokens, position_ids=self.positions, use_cache=True, logits_to_keep=1,
+            **{self._cache_argument: self.cache},
         )
         self.slot.fill_(1)
         self.positions.fill_(1)
@@ -205,8 +207,8 @@ class StaticDecoder:
         attention_mask = attention_mask.to(self.device)
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=self.cache,
-            use_cache=True, logits_to_keep=1,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+            logits_to_keep=1, **{self._cache_argument: self.cache},
         )
         self.slot_mask[:, :length].copy_(attention_mask.bool())
         self.slot.fill_(length)

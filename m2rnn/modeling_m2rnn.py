@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, LinearAttentionCacheLayerMixin, StaticCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -31,6 +31,9 @@ from .kernels.gated_deltanet import gated_delta_rule, gated_delta_rule_step
 from .kernels.short_conv import causal_conv1d, causal_conv1d_step
 from .kernels.utils import expand_heads
 
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old name is
+# deprecated until 5.40); outputs are built with the field the installed version declares, so neither warns.
+_CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Norms and rotary embeddings
@@ -123,10 +126,11 @@ def _cache_mode(cache: Cache | None, layer_idx: int, seq_len: int) -> tuple[bool
 
 
 def _mask_padding(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero padded positions so that nothing they carry reaches a conv or a recurrent state."""
-    if attention_mask is None or attention_mask.dim() != 2:
+    """Zero padded positions so that nothing they carry (NaN included) reaches a conv or a recurrent state."""
+    keep = _keep_mask(attention_mask, hidden_states.shape[1])
+    if keep is None:
         return hidden_states
-    return hidden_states * attention_mask[:, -hidden_states.shape[1] :, None].to(hidden_states.dtype)
+    return hidden_states.masked_fill(~keep[..., None], 0.0)
 
 
 def _keep_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
@@ -577,22 +581,67 @@ class M2RNNDecoderLayer(GradientCheckpointingLayer):
 # ---------------------------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------------------------
-class M2RNNCache(DynamicCache):
-    """`DynamicCache` that also counts the tokens it has seen.
+class _TokenCounter:
+    """Cache mixin that counts the tokens the model has fed it (`M2RNNModel.forward` adds each chunk's length).
 
     transformers asks the first attention layer of a cache for its length; a model made only of recurrent layers
-    has none, so this cache answers from its own count instead. Hybrids with attention use a plain `DynamicCache`
-    or `StaticCache`; `generate` switches to this class only for attention-free models.
+    has none, so these caches answer from their own count instead.
+    """
+
+    seen_tokens: int = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if any(isinstance(layer, CacheLayerMixin) for layer in self.layers):
+            return super().get_seq_length(layer_idx)
+        return self.seen_tokens
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+
+class M2RNNCache(_TokenCounter, DynamicCache):
+    """`DynamicCache` that also counts the tokens it has seen.
+
+    Hybrids with attention use a plain `DynamicCache` or `StaticCache`; `generate` switches to this class only for
+    attention-free models.
     """
 
     def __init__(self, config: M2RNNConfig, **kwargs: Any):
         super().__init__(config=config, **kwargs)
         self.seen_tokens = 0
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        if any(isinstance(layer, CacheLayerMixin) for layer in self.layers):
-            return super().get_seq_length(layer_idx)
-        return self.seen_tokens
+
+class M2RNNStaticCache(_TokenCounter, StaticCache):
+    """`StaticCache` that also counts the tokens it has seen: what `generate(cache_implementation="static")` gives
+    an attention-free model (preallocated conv and recurrent states updated in place, so decode can be compiled)."""
+
+    def __init__(self, config: M2RNNConfig, max_cache_len: int, **kwargs: Any):
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        self.seen_tokens = 0
+
+
+def _check_cache(cache: Cache, config: M2RNNConfig) -> None:
+    """Refuse a cache whose layers do not match the model's: a recurrent layer needs a conv/recurrent-state layer
+    (`LinearAttentionLayer`), an attention layer a key/value layer. `DynamicCache()` without `config=` has neither."""
+    if not isinstance(cache, Cache):
+        raise TypeError(
+            f"M2RNNModel: the cache must be a transformers `Cache`, got {type(cache).__name__} (tuples of past key "
+            "values are not supported)"
+        )
+    expected = {"linear_attention": LinearAttentionCacheLayerMixin, "full_attention": CacheLayerMixin}
+    layer_types = config.layer_types
+    wrong = [
+        i for i, layer_type in enumerate(layer_types)
+        if i >= len(cache.layers) or not isinstance(cache.layers[i], expected[layer_type])
+    ]
+    if wrong or len(cache.layers) != len(layer_types):
+        kinds = [type(layer).__name__ for layer in cache.layers]
+        raise ValueError(
+            f"M2RNNModel: the cache passed has layers {kinds or '[] (none yet)'}, but this model's layers are "
+            f"{layer_types}. Build it with `DynamicCache(config=model.config)` (or `StaticCache(config=model.config, "
+            "max_cache_len=...)`), or pass no cache and `use_cache=True`."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -604,7 +653,7 @@ class M2RNNPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["M2RNNDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]  # the cache's name before / from transformers 5.24
     _supports_flash_attn = True
     _supports_sdpa = True
     _is_stateful = True
@@ -644,6 +693,42 @@ class M2RNNPreTrainedModel(PreTrainedModel):
             if module.D is not None:
                 init.ones_(module.D)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, strict: bool = True, **kwargs: Any):
+        """transformers' `from_pretrained`, strict by default: weights the model expects but the checkpoint lacks,
+        weights the model has no place for, and weights of another shape raise a `ValueError` naming them (transformers
+        alone logs a LOAD REPORT and leaves random weights in place). `strict=False` opts out and restores
+        transformers' behaviour; `ignore_mismatched_sizes=True` allows only shape mismatches (reinitialised)."""
+        if not strict:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return_info = kwargs.pop("output_loading_info", False)
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        unexpected = info["unexpected_keys"]
+        if not hasattr(model, "lm_head"):  # the base model of a causal-LM checkpoint leaves its head behind
+            unexpected = {key for key in unexpected if not key.startswith("lm_head.")}
+        problems = [
+            f"{label} {_some(keys)}"
+            for label, keys in (
+                ("missing from the checkpoint:", info["missing_keys"]),
+                ("in the checkpoint but not in the model:", unexpected),
+            )
+            if keys
+        ]
+        if info["mismatched_keys"] and not allow_mismatch:
+            shapes = [f"{key} {tuple(saved)} vs model {tuple(model_shape)}" for key, saved, model_shape in info["mismatched_keys"]]
+            problems.append(f"of another shape: {_some(shapes)}")
+        if problems:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): weights "
+                + "; weights ".join(problems)
+                + ". The checkpoint does not match this configuration; pass strict=False to load it anyway "
+                "(those weights are then freshly initialised or dropped)"
+            )
+        return (model, info) if return_info else model
+
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
         """transformers' save, plus what makes the folder load anywhere with `trust_remote_code=True`: the flat code
         files, `auto_map` and a model card (`m2rnn.hub`)."""
@@ -666,6 +751,13 @@ class M2RNNPreTrainedModel(PreTrainedModel):
         init.copy_(dt_bias, dt + torch.log(-torch.expm1(-dt)))
 
 
+def _some(names: Any, limit: int = 8) -> str:
+    """Up to `limit` sorted names, and how many more."""
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def _cu_seqlens_from_position_ids(position_ids: torch.Tensor | None) -> torch.Tensor | None:
     """Boundaries of packed documents in a (1, T) row whose positions restart at 0 (padding-free batches)."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
@@ -684,6 +776,54 @@ def _position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch
     positions = torch.arange(total, device=cu_seqlens.device)
     document = torch.bucketize(positions, cu_seqlens[1:].long(), right=True)
     return (positions - cu_seqlens[:-1].long()[document]).unsqueeze(0)
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache under either of its names (`cache` from transformers 5.24 on, `past_key_values` before)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("M2RNNModel: pass the cache as `cache` or as `past_key_values`, not two different caches")
+    return cache if cache is not None else past_key_values
+
+
+def _check_inputs(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+    """(batch, seq_len) ids or (batch, seq_len, hidden) embeddings with at least one row and one token."""
+    tensor, name, dims = (input_ids, "input_ids", 2) if input_ids is not None else (inputs_embeds, "inputs_embeds", 3)
+    if tensor.dim() != dims:
+        layout = "(batch, seq_len)" if dims == 2 else "(batch, seq_len, hidden_size)"
+        hint = "; for one sequence pass `ids[None]`" if name == "input_ids" and tensor.dim() == 1 else ""
+        raise ValueError(f"M2RNNModel: `{name}` must be {layout}, got shape {tuple(tensor.shape)}{hint}")
+    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
+        raise ValueError(f"M2RNNModel: `{name}` is empty (shape {tuple(tensor.shape)}); pass at least one token per row")
+
+
+def _check_attention_mask(
+    attention_mask: torch.Tensor, batch: int, seq_len: int, cache: Cache | None
+) -> None:
+    """A 2-D mask covers the cached tokens and the new ones of every row; 4-D masks are passed through as given."""
+    if attention_mask.dim() == 4:
+        return
+    past = _past_length(cache)
+    expected = "past + new tokens" if past is None else f"{past + seq_len} (past {past} + new {seq_len})"
+    if (
+        attention_mask.dim() != 2
+        or attention_mask.shape[0] != batch
+        or attention_mask.shape[1] < seq_len
+        or (past is not None and attention_mask.shape[1] != past + seq_len)
+    ):
+        raise ValueError(
+            f"M2RNNModel: `attention_mask` has shape {tuple(attention_mask.shape)}; expected (batch={batch}, "
+            f"{expected}), 1 for tokens and 0 for padding"
+        )
+
+
+def _past_length(cache: Cache | None) -> int | None:
+    """Tokens already in `cache` where the host knows it without a sync (None for static attention caches)."""
+    if cache is None:
+        return 0
+    if not any(isinstance(layer, CacheLayerMixin) for layer in cache.layers):
+        return cache.seen_tokens if isinstance(cache, _TokenCounter) else None
+    past = cache.get_seq_length()
+    return past if isinstance(past, int) else None
 
 
 class M2RNNModel(M2RNNPreTrainedModel):
@@ -713,13 +853,22 @@ class M2RNNModel(M2RNNPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> MoeModelOutputWithPast:
+        """The decoder stack. The cache may be passed as `cache` (transformers >= 5.24) or `past_key_values`; the
+        output carries it under the name the installed transformers reads back."""
+        past_key_values = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("M2RNNModel: pass exactly one of `input_ids` and `inputs_embeds`")
+        _check_inputs(input_ids, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         seq_len = inputs_embeds.shape[1]
+        if past_key_values is not None:
+            _check_cache(past_key_values, self.config)
+        if isinstance(attention_mask, torch.Tensor):
+            _check_attention_mask(attention_mask, inputs_embeds.shape[0], seq_len, past_key_values)
 
         cu_seqlens = kwargs.get("cu_seq_lens_q")
         if cu_seqlens is None and past_key_values is None and not isinstance(attention_mask, torch.Tensor):
@@ -735,25 +884,32 @@ class M2RNNModel(M2RNNPreTrainedModel):
 
         if use_cache and past_key_values is None:
             past_key_values = M2RNNCache(config=self.config)
-        if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:  # positions only matter to attention layers; recurrent-only caches may not count
+            knows_length = isinstance(past_key_values, _TokenCounter) or "full_attention" in self.config.layer_types
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None and knows_length else 0
             position_ids = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0) + past_seen
 
         if isinstance(attention_mask, dict):
             masks = attention_mask
         else:
-            mask_kwargs = dict(
-                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                past_key_values=past_key_values, position_ids=position_ids,
-            )
+            # the cache goes by position: its keyword is `past_key_values` before transformers 5.24, `cache` after
+            mask_args = (self.config, inputs_embeds, attention_mask, past_key_values)
             masks = {
-                "full_attention": create_causal_mask(**mask_kwargs) if "full_attention" in self.config.layer_types else None,
-                "linear_attention": create_recurrent_attention_mask(**mask_kwargs),
+                "full_attention": (
+                    create_causal_mask(*mask_args, position_ids=position_ids)
+                    if "full_attention" in self.config.layer_types else None
+                ),
+                "linear_attention": create_recurrent_attention_mask(*mask_args, position_ids=position_ids),
             }
+        # padded positions hold zeros before every layer, so nothing there (NaN included) reaches a real token: an
+        # attention weight of exactly 0 times NaN is still NaN
+        keep = _keep_mask(masks.get("linear_attention"), seq_len)
 
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
         hidden_states = inputs_embeds
         for layer, layer_type in zip(self.layers, self.config.layer_types):
+            if keep is not None:
+                hidden_states = hidden_states.masked_fill(~keep[..., None], 0.0)
             hidden_states = layer(
                 hidden_states,
                 attention_mask=masks[layer_type],
@@ -763,9 +919,9 @@ class M2RNNModel(M2RNNPreTrainedModel):
                 position_ids=position_ids,
                 **kwargs,
             )
-        if isinstance(past_key_values, M2RNNCache):
+        if isinstance(past_key_values, _TokenCounter):
             past_key_values.seen_tokens += seq_len
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{_CACHE_FIELD: past_key_values})
 
 
 class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
@@ -786,17 +942,29 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
-        """As `GenerationMixin`, but an attention-free model gets an `M2RNNCache`, which can tell its length."""
-        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode: Any, batch_size: int, max_cache_length: int
+    ):
+        """As `GenerationMixin`, but an attention-free model gets an `M2RNNCache` (or, with
+        `cache_implementation="static"`, an `M2RNNStaticCache`), which can tell its length."""
+        result = super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+        name = "cache" if "cache" in model_kwargs else "past_key_values"  # transformers >= 5.24: "cache"
+        cache = model_kwargs.get(name)
         if (
             cache is not None
-            and not isinstance(cache, M2RNNCache)
+            and not isinstance(cache, _TokenCounter)
             and not getattr(cache, "_is_user_defined", False)
             and "full_attention" not in self.config.mixer_types
         ):
-            model_kwargs["past_key_values"] = M2RNNCache(config=self.config)
+            offloading = getattr(cache, "offloading", False)  # cache_implementation="offloaded"
+            if isinstance(cache, StaticCache):
+                model_kwargs[name] = M2RNNStaticCache(
+                    config=self.config, max_cache_len=max_cache_length, offloading=offloading
+                )
+            elif type(cache) is DynamicCache:
+                model_kwargs[name] = M2RNNCache(config=self.config, offloading=offloading)
         return result
 
     @can_return_tuple
@@ -811,9 +979,12 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast:
-        """Causal-LM forward. `labels` are shifted inside; `num_items_in_batch` (from Trainer) reaches the loss."""
+        """Causal-LM forward. `labels` are shifted inside; `num_items_in_batch` (from Trainer) reaches the loss.
+        The cache may be passed as `cache` (transformers >= 5.24) or `past_key_values` (older); the output carries
+        it as the field the installed transformers declares (`cache`, or `past_key_values` before 5.24)."""
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
@@ -822,7 +993,7 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
@@ -843,15 +1014,16 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
 
 
 __all__ = [
     "M2RNNCache",
+    "M2RNNStaticCache",
     "M2RNNForCausalLM",
     "M2RNNModel",
     "M2RNNPreTrainedModel",

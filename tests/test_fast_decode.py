@@ -15,6 +15,7 @@ import torch
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
 from m2rnn.generation import StaticDecoder, dense_moe_dispatch, fast_generate
 from m2rnn.modeling_m2rnn import M2RNNSparseMoeBlock
+from test_modeling import returned_cache
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def test_static_decoder_steps_equal_cached_forward_logits():
     logits = decoder.prefill(ids)
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-5, atol=1e-5)
         for t in range(4):
             token = torch.full((2, 1), 10 + t)
@@ -274,7 +275,7 @@ def test_cuda_graph_replay_logits_equal_eager_steps_in_bf16():
     logits = decoder.prefill(ids)
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         torch.testing.assert_close(logits.float(), out.logits[:, -1].float(), rtol=2e-2, atol=2e-2)
         for t in range(6):
             token = torch.full((2, 1), 10 + t, device="cuda")

@@ -5,6 +5,10 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from m2rnn import M2RNNCache, M2RNNConfig, M2RNNForCausalLM, M2RNNModel
+from m2rnn.modeling_m2rnn import _CACHE_FIELD
+
+# transformers >= 5.24 deprecates `past_key_values` (FutureWarning): our code must never trigger it
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
 
 SMALL = dict(
     vocab_size=64, hidden_size=32, intermediate_size=48,
@@ -41,6 +45,11 @@ def _perturb_recurrent_weights(model: M2RNNForCausalLM) -> None:
                 p.add_(0.2 * torch.randn_like(p))
 
 
+def returned_cache(output):
+    """The cache an output carries: `output.cache` from transformers 5.24 on, `output.past_key_values` before."""
+    return getattr(output, _CACHE_FIELD)
+
+
 def random_ids(batch: int, length: int, vocab: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -55,14 +64,14 @@ def test_cached_decode_equals_full_forward(name):
         cache, steps = None, []
         for t in range(ids.shape[1]):
             out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            cache = returned_cache(out)
             steps.append(out.logits)
         torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
         # chunked prefill (a chunk shorter than the conv kernel too), then decode
         cache, chunks = None, []
         for start, end in [(0, 2), (2, 7), (7, 9), (9, 10), (10, 11)]:
             out = model(ids[:, start:end], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            cache = returned_cache(out)
             chunks.append(out.logits)
         torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-4, atol=1e-5)
 
@@ -81,8 +90,8 @@ def test_attention_free_model_generates_with_its_own_cache():
     model = make_model("m2rnn")
     ids = random_ids(1, 5, model.config.vocab_size)
     out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, M2RNNCache)
-    assert out.past_key_values.get_seq_length() == 8  # the last generated token is never fed back
+    assert isinstance(returned_cache(out), M2RNNCache)
+    assert returned_cache(out).get_seq_length() == 8  # the last generated token is never fed back
 
 
 @pytest.mark.parametrize("name", ["tiny", "hybrid_nope", "m2rnn"])
@@ -139,7 +148,7 @@ def test_recurrent_state_does_not_grow_with_generated_tokens():
 
     def state_bytes(new_tokens: int) -> int:
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         return sum(
             t.numel() * t.element_size()
             for layer in cache.layers
@@ -149,7 +158,7 @@ def test_recurrent_state_does_not_grow_with_generated_tokens():
 
     assert state_bytes(3) == state_bytes(30) > 0
     config = model.config
-    cache = model(ids, use_cache=True).past_key_values
+    cache = returned_cache(model(ids, use_cache=True))
     assert tuple(cache.layers[0].recurrent_states[0].shape) == (
         1, config.m2rnn_num_heads, config.m2rnn_key_head_dim, config.m2rnn_value_head_dim
     )
@@ -223,7 +232,7 @@ def test_stateful_model_refuses_assisted_generation():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    ids = random_ids(2, 8, 256)
+    ids = random_ids(2, 8, M2RNNConfig.from_preset("tiny").vocab_size)
     grads = []
     for checkpointing in (False, True):
         model = make_model("tiny").train()
@@ -274,4 +283,4 @@ def test_bfloat16_forward_runs():
     with torch.no_grad():
         out = model(ids, use_cache=True)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
-    assert out.past_key_values.layers[0].recurrent_states[0].dtype == torch.float32
+    assert returned_cache(out).layers[0].recurrent_states[0].dtype == torch.float32
