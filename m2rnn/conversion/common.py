@@ -31,6 +31,7 @@ class ImportPlan:
     tensors: dict[str, TensorSpec]
     ignored_prefixes: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+    source_model_type: str = ""
 
 
 def copy(name: str) -> TensorSpec:
