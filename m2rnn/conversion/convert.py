@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from ..modeling_m2rnn import M2RNNForCausalLM
 from ..utils import check_output, parse_dtype, staged_output
@@ -65,7 +66,8 @@ def plan_import(source: str | os.PathLike) -> tuple[ImportPlan, CheckpointReader
         plan.source_model_type = raw["model_type"]
     except ConversionError:
         raise
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as error:  # a value of the wrong kind
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, StrictDataclassError) as error:
+        # a config value of the wrong kind, found by the family's code or by transformers' config class
         detail = f"{type(error).__name__}: {error}" if isinstance(error, (KeyError, AttributeError)) else str(error)
         raise ConversionError(
             f"{Path(source) / 'config.json'}: not a valid {raw['model_type']!r} config ({detail})"
@@ -141,10 +143,10 @@ def convert_checkpoint(
         raise ConversionError(f"init={init!r} must be one of {INITS}")
     _check_output_parent(output)
     check_output(output, [source], overwrite, option="OUT")  # fail fast, before reading the source
+    if verify:
+        _check_verify_possible(family_of(read_config(source), source), source)
     imported, reader, family = plan_import(source)
     plan = swap_plan(imported, swap_layers, init, seed, **(m2rnn_overrides or {})) if swap_layers else imported
-    if verify:
-        _check_verify_possible(family, source)
     if out_dtype is None:
         out_dtype = reader.dtype(plan.tensors["model.embed_tokens.weight"].sources[0])
     copied = side_files(Path(source))
@@ -170,13 +172,22 @@ def provenance(
     source: str | os.PathLike, source_model_type: str, swap_layers: Sequence[int] | None, init: str, seed: int
 ) -> dict[str, Any]:
     """`config.conversion` of a converted checkpoint (keys of `m2rnn.model_card.CONVERSION_KEYS`)."""
-    record: dict[str, Any] = {"source": str(source), "source_model_type": source_model_type,
+    record: dict[str, Any] = {"source": _source_name(source), "source_model_type": source_model_type,
                               "swapped_layers": sorted(swap_layers or [])}
     if swap_layers:
         record["init"] = f"fresh (the paper's init, seed {seed})" if init == "fresh" else (
             "transplant (the GDN layer's projections, conv, decay gate and norm reused; W = I)"
         )
     return record
+
+
+def _source_name(source: str | os.PathLike) -> str:
+    """The Hub repo id of a Hugging Face cache snapshot (`.../models--ORG--NAME/snapshots/REV`), else `source` as given."""
+    snapshot = Path(source).resolve()
+    repo_folder = snapshot.parent.parent.name
+    if snapshot.parent.name == "snapshots" and repo_folder.startswith("models--") and "--" in repo_folder[8:]:
+        return repo_folder[len("models--"):].replace("--", "/", 1)
+    return str(source)
 
 
 def _output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
