@@ -323,7 +323,33 @@ def _only_pickled(source: Path, tmp_path: Path) -> tuple[Path, str]:
     return src, "only pickled weights (pytorch_model.bin)"
 
 
-BAD_SOURCES = [_truncated, _garbage, _index_without_weight_map, _index_not_json, _config_list, _config_not_json,
+def _already_m2rnn(source: Path, tmp_path: Path) -> tuple[Path, str]:
+    src = tmp_path / "converted"
+    convert_checkpoint(source, src, progress=False)
+    return src, "already an M2RNN-family checkpoint"
+
+
+def _quantized_config(source: Path, tmp_path: Path) -> tuple[Path, str]:
+    src = copy_of(source, tmp_path / "fp8")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(config))
+    return src, "quantized checkpoint (quantization_config, quant_method='fp8')"
+
+
+def _integer_weights(source: Path, tmp_path: Path) -> tuple[Path, str]:
+    src = copy_of(source, tmp_path / "int8")
+    shard = src / "model-00006-of-00006.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].to(torch.int8)
+    save_file(tensors, shard)
+    return src, f"tensor {name!r} is stored as torch.int8; quantized weights are not converted"
+
+
+BAD_SOURCES = [_already_m2rnn, _quantized_config, _integer_weights, _truncated, _garbage, _index_without_weight_map, _index_not_json, _config_list, _config_not_json,
                _config_without_model_type, _config_value_of_wrong_kind, _shard_outside, _shard_absolute,
                _shard_symlinked_outside, _tokenizer_symlinked_outside, _single_file_symlinked_outside, _only_pickled]
 
@@ -354,13 +380,14 @@ def test_bad_source_is_one_clear_line(source, tmp_path, capsys, make):
         (["{src}", "{out}", "--swap-layers", "-1"], 1, "layer -1 is outside 0..3"),
         (["{src}", "{out}", "--swap-layers", "1,1"], 1, "repeats a layer"),
         (["{src}", "{out}", "--swap-layers", "3"], 1, "layer 3 is 'full_attention'"),
+        (["{src}", "{out}", "--init", "transplant"], 1, "--init transplant sets up swapped layers: give --swap-layers"),
         (["{src}", "{file}/out"], 1, "is a file, not a folder"),
         (["{src}", "{file}", "--overwrite"], 1, "exists and is not a folder"),
         (["{src}", "{theirs}", "--overwrite"], 1, "was not written by m2rnn"),
         (["{src}", "{ours}"], 1, "already exists; pass --overwrite"),
     ],
     ids=["missing", "hub_id", "file", "no_config", "nan", "inf", "zero", "negative", "dtype", "layers_syntax",
-         "layer_range", "layer_negative", "layer_repeat", "attention_layer", "out_below_file", "out_is_file",
+         "layer_range", "layer_negative", "layer_repeat", "attention_layer", "init_without_swap", "out_below_file", "out_is_file",
          "out_not_ours", "out_exists"],
 )
 def test_bad_arguments_are_one_clear_line(source, tmp_path, capsys, args, code, fragment):

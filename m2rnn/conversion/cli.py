@@ -71,7 +71,10 @@ def _shard_size(text: str) -> float:
 
 def run_convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
+    from .io import ConversionError
 
+    if args.init != "fresh" and not args.swap_layers:
+        raise ConversionError(f"--init {args.init} sets up swapped layers: give --swap-layers too (e.g. 0,11)")
     result = convert_checkpoint(
         args.source, args.output, swap_layers=args.swap_layers, init=args.init, dtype=args.dtype,
         overwrite=args.overwrite, verify=args.verify, max_shard_size=int(args.max_shard_size * 1e9),

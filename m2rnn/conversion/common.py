@@ -118,3 +118,10 @@ def check_plan(plan: ImportPlan, reader: CheckpointReader) -> None:
             f"{reader.folder}: {len(unused)} tensor(s) have no place in the converted model, e.g. {unused[:5]} "
             "(an option the importer does not support, or a config that does not match the weights)"
         )
+    for name in sorted(used):
+        dtype = reader.dtype(name)
+        if not dtype.is_floating_point:
+            raise ConversionError(
+                f"{reader.folder}: tensor {name!r} is stored as {dtype}; quantized weights are not converted "
+                "(use the unquantized checkpoint)"
+            )

@@ -36,6 +36,8 @@ REFUSED = {
     "sparse attention and n-gram embeddings, none of which the M2RNN family has",
     "qwen4_exp_text": "see qwen4_exp",
     "hybrid_gated_deltanet": "a custom (Idiap) model_type whose code is not part of fla",
+    "m2rnn": "it is already an M2RNN-family checkpoint: load it with AutoModelForCausalLM.from_pretrained "
+    "(after `import m2rnn`), and swap more layers with m2rnn.conversion.swap_layers(model, [...])",
 }
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -47,6 +49,12 @@ def family_of(raw: dict[str, Any], folder: str | os.PathLike = "") -> Any:
         raise ConversionError(f"{folder}: config.json has no `model_type`; supported: {sorted(set(FAMILIES))}")
     if not isinstance(model_type, str):
         raise ConversionError(f"{folder}: config.json `model_type`={model_type!r} must be a string")
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method") if isinstance(raw["quantization_config"], dict) else None
+        raise ConversionError(
+            f"{folder}: a quantized checkpoint (quantization_config, quant_method={method!r}) cannot be converted "
+            "exactly; convert the unquantized checkpoint"
+        )
     if model_type in REFUSED:
         raise ConversionError(f"{folder}: model_type={model_type!r} is not supported: {REFUSED[model_type]}")
     if model_type not in FAMILIES:
@@ -141,6 +149,7 @@ def convert_checkpoint(
     _check_shard_size(max_shard_size)
     if init not in INITS:
         raise ConversionError(f"init={init!r} must be one of {INITS}")
+    source, output = os.path.expanduser(source), os.path.expanduser(output)
     _check_output_parent(output)
     check_output(output, [source], overwrite, option="OUT")  # fail fast, before reading the source
     if verify:
