@@ -366,9 +366,9 @@ def test_bad_source_is_one_clear_line(source, tmp_path, capsys, make):
 @pytest.mark.parametrize(
     "args, code, fragment",
     [
-        (["{missing}", "{out}"], 1, "SRC '{missing}' does not exist"),
+        (["{missing}", "{out}"], 1, "checkpoint folder '{missing}' does not exist"),
         (["Qwen/Qwen3.5-0.8B", "{out}"], 1, "hf download Qwen/Qwen3.5-0.8B --local-dir DIR"),
-        (["{src}/config.json", "{out}"], 1, "is a file; pass the checkpoint folder"),
+        (["{src}/config.json", "{out}"], 1, "is a file; pass the folder that holds config.json"),
         (["{empty}", "{out}"], 1, "has no config.json"),
         (["{src}", "{out}", "--max-shard-size", "nan"], 2, "--max-shard-size: 'nan' must be a positive, finite"),
         (["{src}", "{out}", "--max-shard-size", "inf"], 2, "--max-shard-size: 'inf' must be a positive, finite"),

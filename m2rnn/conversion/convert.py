@@ -161,9 +161,6 @@ def convert_checkpoint(
     copied = side_files(Path(source))
     shapes = expected_tensors(plan.config)
     specs = {name: (shape, torch.float32 if name.endswith(FP32_PARAMS) else out_dtype) for name, shape in shapes.items()}
-    plan.config.architectures = ["M2RNNForCausalLM"]
-    plan.config.dtype = out_dtype
-    plan.config.conversion = provenance(source, plan.source_model_type, swap_layers, init, seed)
     with progress_bars(progress), staged_output(output, [source, *reader.files()], overwrite, option="OUT") as staging:
         difference = verify_plan(imported, reader, family, source)[0] if verify else None
         from tqdm.auto import tqdm
@@ -172,6 +169,9 @@ def convert_checkpoint(
             files = write_sharded_safetensors(
                 staging, specs, lambda name: _build(plan, reader, name), int(max_shard_size), lambda name: bar.update()
             )
+        plan.config.architectures = ["M2RNNForCausalLM"]
+        plan.config.dtype = out_dtype
+        plan.config.conversion = provenance(source, plan.source_model_type, swap_layers, init, seed)
         plan.config.save_pretrained(staging)
         copy_side_files(Path(source), staging, copied)
     return ConversionResult(Path(output), plan.config, files, copied, difference, plan.notes)

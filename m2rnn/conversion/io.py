@@ -47,13 +47,15 @@ def check_source_folder(folder: str | os.PathLike) -> Path:
         if not Path(folder).is_absolute() and str(folder).count("/") == 1:
             hint = (f"; to convert a Hub model, download it first (`hf download {folder} --local-dir DIR`) "
                     "and pass DIR")
-        raise ConversionError(f"SRC {str(folder)!r} does not exist (convert reads a local checkpoint folder){hint}")
+        raise ConversionError(f"checkpoint folder {str(folder)!r} does not exist (a local folder is expected){hint}")
     if not path.is_dir():
         raise ConversionError(
-            f"SRC {str(folder)!r} is a file; pass the checkpoint folder that holds config.json and the safetensors"
+            f"checkpoint folder {str(folder)!r} is a file; pass the folder that holds config.json and the safetensors"
         )
     if not (path / "config.json").is_file():
-        raise ConversionError(f"SRC {str(folder)!r} has no config.json (expected a Hugging Face checkpoint folder)")
+        raise ConversionError(
+            f"checkpoint folder {str(folder)!r} has no config.json (expected a Hugging Face checkpoint folder)"
+        )
     return path
 
 
