@@ -349,7 +349,8 @@ def _integer_weights(source: Path, tmp_path: Path) -> tuple[Path, str]:
     return src, f"tensor {name!r} is stored as torch.int8; quantized weights are not converted"
 
 
-BAD_SOURCES = [_already_m2rnn, _quantized_config, _integer_weights, _truncated, _garbage, _index_without_weight_map, _index_not_json, _config_list, _config_not_json,
+BAD_SOURCES = [_already_m2rnn, _quantized_config, _integer_weights, _truncated, _garbage, _index_without_weight_map,
+               _index_not_json, _config_list, _config_not_json,
                _config_without_model_type, _config_value_of_wrong_kind, _shard_outside, _shard_absolute,
                _shard_symlinked_outside, _tokenizer_symlinked_outside, _single_file_symlinked_outside, _only_pickled]
 
@@ -380,6 +381,7 @@ def test_bad_source_is_one_clear_line(source, tmp_path, capsys, make):
         (["{src}", "{out}", "--swap-layers", "-1"], 1, "layer -1 is outside 0..3"),
         (["{src}", "{out}", "--swap-layers", "1,1"], 1, "repeats a layer"),
         (["{src}", "{out}", "--swap-layers", "3"], 1, "layer 3 is 'full_attention'"),
+        (["{src}", "{out}", "--source-id", "not a repo"], 1, "source_id='not a repo' is not a Hub repo id"),
         (["{src}", "{out}", "--init", "transplant"], 1, "--init transplant sets up swapped layers: give --swap-layers"),
         (["{src}", "{file}/out"], 1, "is a file, not a folder"),
         (["{src}", "{file}", "--overwrite"], 1, "exists and is not a folder"),
@@ -387,7 +389,7 @@ def test_bad_source_is_one_clear_line(source, tmp_path, capsys, make):
         (["{src}", "{ours}"], 1, "already exists; pass --overwrite"),
     ],
     ids=["missing", "hub_id", "file", "no_config", "nan", "inf", "zero", "negative", "dtype", "layers_syntax",
-         "layer_range", "layer_negative", "layer_repeat", "attention_layer", "init_without_swap", "out_below_file", "out_is_file",
+         "layer_range", "layer_negative", "layer_repeat", "attention_layer", "source_id", "init_without_swap", "out_below_file", "out_is_file",
          "out_not_ours", "out_exists"],
 )
 def test_bad_arguments_are_one_clear_line(source, tmp_path, capsys, args, code, fragment):
@@ -445,6 +447,11 @@ def test_parse_dtype_names_the_value_and_choices():
         parse_dtype("int8")
 
 
+def test_source_id_is_recorded(source, tmp_path, capsys):
+    assert run_main(capsys, source, tmp_path / "out", "--source-id", "Qwen/Qwen3.5-0.8B", "--no-progress")[0] == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["conversion"]["source"] == "Qwen/Qwen3.5-0.8B"
+
+
 def test_both_dtype_spellings_and_python_api_checks(source, tmp_path):
     for name in ("bf16", "bfloat16"):
         result = convert_checkpoint(source, tmp_path / name, dtype=name, progress=False)
@@ -460,7 +467,7 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for option in ("--swap-layers", "--init", "--dtype", "--verify", "--overwrite", "--max-shard-size", "--seed",
+    for option in ("--source-id", "--swap-layers", "--init", "--dtype", "--verify", "--overwrite", "--max-shard-size", "--seed",
                    "--no-progress"):
         described = text.split(option)[-1]
         assert "(default: " in described.split(" --")[0], option

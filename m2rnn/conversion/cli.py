@@ -25,6 +25,9 @@ def add_convert_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("source", metavar="SRC", help="source checkpoint folder (a Hub model: `hf download` it first)")
     p.add_argument("output", metavar="OUT",
                    help="output folder; must not exist, or with --overwrite be one that m2rnn wrote")
+    p.add_argument("--source-id", default=None, metavar="REPO_ID",
+                   help="the Hub repo id SRC was downloaded from, recorded as the source in the config and model card "
+                   "(default: the repo id of a Hugging Face cache snapshot, else SRC as given)")
     p.add_argument("--swap-layers", type=_layers, default=None, metavar="I,J,...",
                    help="comma-separated GDN layer indices to replace by M2RNN, e.g. 0,11 (default: none)")
     p.add_argument("--init", choices=("fresh", "transplant"), default="fresh",
@@ -78,7 +81,7 @@ def run_convert(args: argparse.Namespace) -> int:
     result = convert_checkpoint(
         args.source, args.output, swap_layers=args.swap_layers, init=args.init, dtype=args.dtype,
         overwrite=args.overwrite, verify=args.verify, max_shard_size=int(args.max_shard_size * 1e9),
-        seed=args.seed, progress=not args.no_progress,
+        seed=args.seed, progress=not args.no_progress, source_id=args.source_id,
     )
     print(f"wrote {result.output} ({len(result.files)} weight file(s); copied: {', '.join(result.side_files) or 'none'})")
     print(f"mixer_types: {result.config.mixer_types}")

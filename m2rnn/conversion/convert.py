@@ -132,6 +132,7 @@ def convert_checkpoint(
     seed: int = 0,
     progress: bool = True,
     m2rnn_overrides: dict[str, Any] | None = None,
+    source_id: str | None = None,
 ) -> ConversionResult:
     """Convert `source` into an M2RNN-family checkpoint at `output`.
 
@@ -142,13 +143,16 @@ def convert_checkpoint(
     `m2rnn.utils.parse_dtype`, or a torch dtype) casts the weights, default: the source's embedding dtype;
     `A_log`/`dt_bias` stay float32. `verify` compares logits with the source model (in its own library, fp32,
     before any swap) and records the max difference. Tokenizer files and `generation_config.json` are copied.
-    The saved config records the provenance as `config.conversion` (source as given, its `model_type`, swapped
-    layers and their init), which model cards show.
+    The saved config records the provenance as `config.conversion` (`source_id`, the Hub repo id `source` was
+    downloaded from, else the repo id of a Hugging Face cache snapshot, else `source` as given; its `model_type`;
+    swapped layers and their init), which model cards show.
     """
     out_dtype = _output_dtype(dtype)
     _check_shard_size(max_shard_size)
     if init not in INITS:
         raise ConversionError(f"init={init!r} must be one of {INITS}")
+    if source_id is not None:
+        _check_repo_id(source_id)
     source, output = os.path.expanduser(source), os.path.expanduser(output)
     _check_output_parent(output)
     check_output(output, [source], overwrite, option="OUT")  # fail fast, before reading the source
@@ -171,7 +175,7 @@ def convert_checkpoint(
             )
         plan.config.architectures = ["M2RNNForCausalLM"]
         plan.config.dtype = out_dtype
-        plan.config.conversion = provenance(source, plan.source_model_type, swap_layers, init, seed)
+        plan.config.conversion = provenance(source_id or source, plan.source_model_type, swap_layers, init, seed)
         plan.config.save_pretrained(staging)
         copy_side_files(Path(source), staging, copied)
     return ConversionResult(Path(output), plan.config, files, copied, difference, plan.notes)
@@ -197,6 +201,15 @@ def _source_name(source: str | os.PathLike) -> str:
     if snapshot.parent.name == "snapshots" and repo_folder.startswith("models--") and "--" in repo_folder[8:]:
         return repo_folder[len("models--"):].replace("--", "/", 1)
     return str(source)
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ConversionError(f"source_id={repo_id!r} is not a Hub repo id like 'Qwen/Qwen3.5-0.8B' ({error})") from None
 
 
 def _output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
