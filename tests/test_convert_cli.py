@@ -271,6 +271,14 @@ def _config_value_of_wrong_kind(source: Path, tmp_path: Path) -> tuple[Path, str
     return src, "not a valid 'qwen3_5_text' config"
 
 
+def _config_not_matching_weights(source: Path, tmp_path: Path) -> tuple[Path, str]:
+    src = copy_of(source, tmp_path / "vocab")
+    config = json.loads((src / "config.json").read_text())
+    config["vocab_size"] = 10
+    (src / "config.json").write_text(json.dumps(config))
+    return src, "has shape (64, 32), but the config implies (10, 32); config.json does not match the weights"
+
+
 def _shard_outside(source: Path, tmp_path: Path) -> tuple[Path, str]:
     src = copy_of(source, tmp_path / "dotdot" / "src")
     index = json.loads((src / "model.safetensors.index.json").read_text())
@@ -351,7 +359,7 @@ def _integer_weights(source: Path, tmp_path: Path) -> tuple[Path, str]:
 
 BAD_SOURCES = [_already_m2rnn, _quantized_config, _integer_weights, _truncated, _garbage, _index_without_weight_map,
                _index_not_json, _config_list, _config_not_json,
-               _config_without_model_type, _config_value_of_wrong_kind, _shard_outside, _shard_absolute,
+               _config_without_model_type, _config_value_of_wrong_kind, _config_not_matching_weights, _shard_outside, _shard_absolute,
                _shard_symlinked_outside, _tokenizer_symlinked_outside, _single_file_symlinked_outside, _only_pickled]
 
 
