@@ -115,12 +115,15 @@ class CheckpointReader:
         index = self.folder / SAFETENSORS_INDEX
         if index.exists():
             weight_map = self._read_index(source_file(self.folder, SAFETENSORS_INDEX, "index"))
-            for file in dict.fromkeys(weight_map.values()):
+            names_in: dict[str, list[str]] = {}
+            for name, file in weight_map.items():
+                names_in.setdefault(file, []).append(name)
+            for file, names in names_in.items():
                 path = source_file(self.folder, file, f"{index}: shard")
                 if not path.is_file():
                     raise ConversionError(f"{index}: shard {file!r} listed in weight_map is missing")
                 present = set(self._open(file).keys())
-                absent = [name for name, shard in weight_map.items() if shard == file and name not in present]
+                absent = [name for name in names if name not in present]
                 if absent:
                     raise ConversionError(
                         f"{index}: {len(absent)} tensor(s) listed for {file!r} are not in it, e.g. {absent[:3]}"
