@@ -190,3 +190,22 @@ def _replace_folder(new: Path, target: Path) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup.parent, ignore_errors=True)
+
+
+DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
+"""Every dtype spelling the commands accept (`--dtype`), mapped to torch's name."""
+
+
+def parse_dtype(name: str) -> "torch.dtype":
+    """The torch dtype for a command-line spelling (`bf16` or `bfloat16`, `fp16`/`float16`/`half`, `fp32`/`float32`/
+    `float`), case-insensitive; a ValueError naming the value and the accepted spellings otherwise."""
+    import torch
+
+    canonical = DTYPE_NAMES.get(str(name).strip().lower())
+    if canonical is None:
+        raise ValueError(f"dtype {name!r} is not supported; choose one of: {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, canonical)

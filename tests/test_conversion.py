@@ -26,6 +26,7 @@ import m2rnn  # noqa: F401  (registers the Auto classes)
 from m2rnn import M2RNNForCausalLM
 from m2rnn.conversion import ConversionError, convert_checkpoint, import_checkpoint, swap_layers
 from m2rnn.conversion.reference import torch_gdn_path
+from m2rnn.utils import OutputError
 
 VOCAB = 96
 GDN = dict(
@@ -504,7 +505,7 @@ def test_refusals(qwen3_5_dir, tmp_path):
     (pickled / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ConversionError, match="pickled"):
         convert_checkpoint(pickled, tmp_path / "o8")
-    with pytest.raises(ConversionError, match="inside, the source"):
+    with pytest.raises(OutputError, match="lies inside, the input"):
         convert_checkpoint(src, src / "out")
     with pytest.raises(ConversionError, match="only 'gated_deltanet'"):
         convert_checkpoint(src, tmp_path / "o9", swap_layers=[3], progress=False)

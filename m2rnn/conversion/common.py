@@ -16,10 +16,12 @@ Getter = Callable[[str], torch.Tensor]
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """How to build one output tensor: the source tensors it reads, and a function of a getter that builds it."""
+    """How to build one output tensor: the source tensors it reads, and a function of a getter that builds it.
+    `copied`: the tensor is its one source as stored (so its stored shape can be checked before any work)."""
 
     sources: tuple[str, ...]
     build: Callable[[Getter], torch.Tensor]
+    copied: bool = False
 
 
 @dataclass
@@ -31,10 +33,11 @@ class ImportPlan:
     tensors: dict[str, TensorSpec]
     ignored_prefixes: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+    source_model_type: str = ""
 
 
 def copy(name: str) -> TensorSpec:
-    return TensorSpec((name,), lambda get: get(name))
+    return TensorSpec((name,), lambda get: get(name), copied=True)
 
 
 def concat(names: Iterable[str], dim: int = 0) -> TensorSpec:
@@ -111,9 +114,22 @@ def check_plan(plan: ImportPlan, reader: CheckpointReader) -> None:
         raise ConversionError(
             f"{reader.folder}: {len(missing)} tensor(s) the config implies are missing, e.g. {missing[:5]}"
         )
+    for name, spec in plan.tensors.items():
+        if spec.copied and reader.shape(spec.sources[0]) != expected[name]:
+            raise ConversionError(
+                f"{reader.folder}: tensor {spec.sources[0]!r} has shape {reader.shape(spec.sources[0])}, but the "
+                f"config implies {expected[name]}; config.json does not match the weights"
+            )
     unused = sorted(n for n in reader.keys() if n not in used and not n.startswith(plan.ignored_prefixes))
     if unused:
         raise ConversionError(
             f"{reader.folder}: {len(unused)} tensor(s) have no place in the converted model, e.g. {unused[:5]} "
             "(an option the importer does not support, or a config that does not match the weights)"
         )
+    for name in sorted(used):
+        dtype = reader.dtype(name)
+        if not dtype.is_floating_point:
+            raise ConversionError(
+                f"{reader.folder}: tensor {name!r} is stored as {dtype}; quantized weights are not converted "
+                "(use the unquantized checkpoint)"
+            )

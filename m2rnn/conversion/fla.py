@@ -13,6 +13,7 @@ Blocks: `attn_norm` → `input_layernorm`, `mlp_norm` → `post_attention_layern
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -139,12 +140,24 @@ def build_plan(folder: str | Path, raw: dict[str, Any], reader: CheckpointReader
     return ImportPlan(config, specs, ("lm_head.weight",) if config.tie_word_embeddings else ())
 
 
+def reference_unavailable() -> str | None:
+    """Why fla's own model cannot run here for `--verify` (None when it can)."""
+    if importlib.util.find_spec("fla") is None:
+        return "needs flash-linear-attention (`pip install flash-linear-attention`) to run the source model"
+    if not torch.cuda.is_available():
+        return (
+            "fla's model needs a GPU (its Triton kernels do not run on CPU; attention layers also need flash-attn); "
+            "convert without --verify here (conversion itself needs no GPU) and verify on a GPU machine"
+        )
+    return None
+
+
 def load_reference(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """fla's own model (needs fla, and a GPU or Triton's interpreter; attention layers need flash-attn)."""
-    try:
-        import fla  # noqa: F401  (registers fla's Auto classes)
-        from transformers import AutoModelForCausalLM
-    except ImportError as error:
-        raise ConversionError(f"--verify for fla checkpoints needs flash-linear-attention installed ({error})") from error
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    return model.cuda() if torch.cuda.is_available() else model
+    """fla's own model (needs fla and a GPU; attention layers need flash-attn), on the GPU."""
+    problem = reference_unavailable()
+    if problem:
+        raise ConversionError(f"--verify: {problem}")
+    import fla  # noqa: F401  (registers fla's Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval().cuda()

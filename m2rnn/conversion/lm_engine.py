@@ -177,5 +177,10 @@ def build_plan(folder: str | Path, raw: dict[str, Any], reader: CheckpointReader
     return ImportPlan(config, specs, ("lm_head.weight",) if config.tie_word_embeddings else ())
 
 
+def reference_unavailable() -> str:
+    """`--verify` needs the source in its own library; lm-engine's is not a transformers model."""
+    return "not available for lm-engine checkpoints: lm-engine has no transformers model class to compare with"
+
+
 def load_reference(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    raise ConversionError("--verify is not available for lm-engine checkpoints: lm-engine has no transformers model class")
+    raise ConversionError(f"--verify is {reference_unavailable()}")

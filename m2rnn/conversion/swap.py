@@ -208,7 +208,8 @@ def swap_plan(
             if name.startswith(prefix):
                 tensors[name] = TensorSpec(sources, lambda get, name=name[len(prefix) :], build=build: build(get, name))
     tensors = {name: tensors[name] for name in names}  # the model's order, layer by layer
-    return ImportPlan(config, tensors, plan.ignored_prefixes, plan.notes + [f"swapped layers {list(layers)} ({init})"])
+    notes = plan.notes + [f"swapped layers {list(layers)} ({init})"]
+    return ImportPlan(config, tensors, plan.ignored_prefixes, notes, plan.source_model_type)
 
 
 def _layer_builder(config: M2RNNConfig, layer_idx: int, init: str, seed: int, gdn_specs: dict[str, TensorSpec]):
