@@ -161,8 +161,12 @@ def test_bad_cu_seqlens_and_step_state():
     with pytest.raises(ValueError, match="batch size 1"):
         run(inputs, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32))
     one = make_inputs(batch=1, seqlen=10)
-    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0, never decrease and end at T=10"):
         run(one, cu_seqlens=torch.tensor([0, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"never decrease.*\[0, 6, 4, 10\]"):
+        run(one, cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="1-D int32"):
+        run(one, cu_seqlens=torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="initial_state must be"):
         run(one, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32))
     token = [inputs[n][:, 0] for n in ("q", "k", "v", "g", "beta")]

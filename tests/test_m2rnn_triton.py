@@ -8,6 +8,8 @@ need CUDA: bf16 at real shapes, more than 2³² state elements in one call, and 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -198,6 +200,62 @@ def test_rejects_large_head_dims(key_dim, value_dim, bad):
         m2rnn_recurrence_triton(*inputs)
     with pytest.raises(ValueError, match=bad):
         m2rnn_decode_step_triton(*(x[:, 0] for x in inputs[:3]), inputs[3], inputs[4][:, 0], inputs[5])
+
+
+_BAD_CU_SEQLENS_SCRIPT = """
+import torch
+from m2rnn.kernels import m2rnn_recurrence
+torch.manual_seed(0)
+tokens, heads, key_dim, value_dim = 10, 2, 16, 16
+q, k = torch.randn(tokens, heads, key_dim), torch.randn(tokens, heads, key_dim)
+v, weight = torch.randn(tokens, heads, value_dim), torch.randn(heads, value_dim, value_dim)
+forget = torch.rand(tokens, heads) * 0.5 + 0.25
+for bounds in ([2, 4, 10], [0, 6, 4, 10], [-3, 4, 10], [0, 4, 1000], [0, 4, 9]):
+    try:
+        y, state = m2rnn_recurrence(q, k, v, weight, forget, cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+                                    backend="triton")
+        print("accepted", bounds, tuple(y.shape), float(y.abs().max()), flush=True)
+    except ValueError as error:
+        print("refused", bounds, error, flush=True)
+"""
+
+
+def test_bad_cu_seqlens_are_refused_before_the_triton_kernel_runs():
+    """Run in a subprocess under the interpreter: unchecked, these boundaries made the kernels read and write out of
+    bounds (an abort would kill the test process) or return uninitialised rows."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", _BAD_CU_SEQLENS_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 5 and all(line.startswith("refused") for line in lines), result.stdout
+    assert all("cu_seqlens must start at 0, never decrease and end at T=10" in line for line in lines)
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+def test_one_step_without_grad_runs_the_decode_kernel(with_state, monkeypatch):
+    """S == 1 with nothing to differentiate goes to the decode kernel (one launch) and equals the reference."""
+    from m2rnn.kernels import m2rnn as dispatch
+
+    inputs = make_inputs(3, 1, 4, 16, 8, GROUPINGS["mixed"])
+    if not with_state:
+        inputs[-1] = None
+    calls = []
+    decode = dispatch.m2rnn_decode_step_triton
+    monkeypatch.setattr(dispatch, "m2rnn_decode_step_triton", lambda *a: calls.append(1) or decode(*a))
+
+    def sequence_kernel(*args, **kwargs):
+        raise AssertionError("the sequence kernel ran for S == 1")
+
+    monkeypatch.setattr(dispatch, "m2rnn_recurrence_triton", sequence_kernel)
+    with torch.no_grad():
+        y, state = dispatch.m2rnn_recurrence(*inputs, backend="triton")
+        y_ref, state_ref = m2rnn_recurrence_torch(*[x.double() if x is not None else None for x in inputs])
+    assert calls == [1]
+    assert y.shape == y_ref.shape and y.dtype == inputs[0].dtype and state.dtype == torch.float32
+    assert rel(y, y_ref) < 1e-5 and rel(state, state_ref) < 1e-5
+    if with_state:
+        assert not torch.equal(state, inputs[-1])  # a new tensor: the caller's initial state is left alone
 
 
 # ----------------------------------------------------------------------------------------------------------------

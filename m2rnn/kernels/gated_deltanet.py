@@ -26,7 +26,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from .utils import expand_heads
+from .utils import check_cu_seqlens, expand_heads
 
 BACKENDS = ("torch_chunked", "torch_recurrent", "fla")
 CHUNK_SIZE = 64
@@ -104,11 +104,7 @@ def _check_inputs(
     if cu_seqlens is not None:
         if batch != 1:
             raise ValueError(f"{op}: with cu_seqlens, q must have batch size 1, got shape {tuple(q.shape)}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"{op}: cu_seqlens must be a 1-D int32 tensor of N+1 boundaries, "
-                f"got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
-            )
+        check_cu_seqlens(cu_seqlens, seqlen, q.device, op)
         num_states = cu_seqlens.numel() - 1
     if state is not None and tuple(state.shape) != (num_states, value_heads, key_dim, value_dim):
         expected = (num_states, value_heads, key_dim, value_dim)
@@ -222,8 +218,6 @@ def _run_torch(runner, q, k, v, g, beta, state, cu_seqlens) -> Tensors:
             return v.new_zeros(v.shape), state
         return runner(q, k, v, g, beta, state)
     bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != q.shape[1] or any(b > e for b, e in zip(bounds[:-1], bounds[1:])):
-        raise ValueError(f"gated_delta_rule: cu_seqlens must rise from 0 to S={q.shape[1]}, got {bounds}")
     outputs, finals = [], []
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         o_i, s_i = _run_torch(runner, *(x[:, start:end] for x in (q, k, v, g, beta)), state[i : i + 1], None)

@@ -13,6 +13,7 @@ import os
 import torch
 
 from .m2rnn_torch import m2rnn_decode_step_torch, m2rnn_recurrence_torch
+from .utils import check_cu_seqlens, check_forget_gates, check_gradient_clipping, check_recurrence_inputs
 
 try:  # triton is optional: the CPU wheel of torch does not bring it
     from .m2rnn_triton import (
@@ -50,22 +51,54 @@ def m2rnn_recurrence(
 
     Args:
         q, k: ``(B, S, Nq|Nk, K)`` (or ``(T, ·, K)`` with `cu_seqlens`).
-        v: ``(B, S, Nv, V)``. weight: ``(Nw, V, V)``. forget: ``(B, S, Nf)`` with values in (0, 1].
+        v: ``(B, S, Nv, V)``. weight: ``(Nw, V, V)``. forget: ``(B, S, Nf)`` with values in [0, 1].
         initial_state: ``(B, N, K, V)``, one per sequence; zeros when None.
-        cu_seqlens: int32 boundaries of packed sequences, starting at 0.
-        gradient_clipping: clamp the recurrent carry ∂L/∂H_t to [-c, c] in the backward pass.
+        cu_seqlens: 1-D int32 boundaries of packed sequences on the inputs' device: 0, ..., T, never decreasing.
+        gradient_clipping: clamp the recurrent carry ∂L/∂H_t to [-c, c] in the backward pass; None or c > 0.
         backend: ``"torch"``, ``"triton"`` or None for the best available on the inputs' device.
 
     Returns:
         ``y`` ``(B, S, N, V)`` in the input dtype and the final state ``(B, N, K, V)`` in float32.
+
+    The values of `cu_seqlens` and `forget` are checked here, once, except while torch.compile traces, while a
+    CUDA graph is captured, or with ``M2RNN_SKIP_VALUE_CHECKS=1`` (on CUDA the check costs a host sync). With
+    the Triton backend, S == 1 without gradients runs the decode kernel.
     """
-    if _resolve_backend(backend, q.device, "m2rnn_recurrence") == "triton":
+    op = "m2rnn_recurrence"
+    check_recurrence_inputs(q, k, v, weight, forget, initial_state, cu_seqlens)
+    check_gradient_clipping(gradient_clipping, op)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q.shape[0], q.device, op)
+    check_forget_gates(forget, op)
+    if _resolve_backend(backend, q.device, op) == "triton":
         if torch.compiler.is_compiling():
             return _recurrence_op(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping)
+        if _is_one_step_without_grad(q, k, v, weight, forget, initial_state, cu_seqlens):
+            return _one_step(q, k, v, weight, forget, initial_state)
         fn = m2rnn_recurrence_triton
     else:
         fn = m2rnn_recurrence_torch
     return fn(q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens, gradient_clipping=gradient_clipping)
+
+
+def _is_one_step_without_grad(q, k, v, weight, forget, initial_state, cu_seqlens) -> bool:
+    """A single token per sequence with nothing to differentiate: the decode kernel's job (one launch, no
+    checkpoints, no layout work)."""
+    if cu_seqlens is not None or q.shape[1] != 1:
+        return False
+    tensors = (q, k, v, weight, forget, initial_state)
+    return not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors))
+
+
+def _one_step(q, k, v, weight, forget, initial_state):
+    """`m2rnn_recurrence` for S == 1 through the decode kernel, on a float32 copy of the state."""
+    heads = _num_heads(q, k, v, weight, forget)
+    if initial_state is None:
+        state = q.new_zeros(q.shape[0], heads, q.shape[-1], v.shape[-1], dtype=torch.float32)
+    else:
+        state = initial_state.to(torch.float32, copy=True).contiguous()
+    y = m2rnn_decode_step_triton(q[:, 0], k[:, 0], v[:, 0], weight, forget[:, 0], state)
+    return y.unsqueeze(1).to(q.dtype), state
 
 
 def m2rnn_decode_step(

@@ -18,6 +18,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .utils import check_cu_seqlens
+
 BACKENDS = ("torch", "cuda")
 _PACKAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -127,8 +129,9 @@ def causal_conv1d(
     Args:
         x: ``(B, C, T)``.
         weight: ``(C, Kc)`` (or nn.Conv1d's ``(C, 1, Kc)``); tap ``Kc - 1`` multiplies the current token.
-        cu_seqlens: int32 boundaries of packed sequences (starting at 0, ending at T); B must be 1. The conv
-            restarts at each boundary, so no tap reads across sequences.
+        cu_seqlens: 1-D int32 boundaries of packed sequences (0, ..., T, never decreasing; values checked as in
+            `m2rnn.kernels.utils.check_cu_seqlens`); B must be 1. The conv restarts at each boundary, so no tap
+            reads across sequences.
         backend: ``"torch"``, ``"cuda"`` (the causal-conv1d package) or None for the best that fits.
 
     Returns:
@@ -142,16 +145,10 @@ def causal_conv1d(
     if cu_seqlens is not None:
         if x.shape[0] != 1:
             raise ValueError(f"causal_conv1d: with cu_seqlens, x must have batch size 1, got shape {tuple(x.shape)}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"causal_conv1d: cu_seqlens must be a 1-D int32 tensor of N+1 boundaries, "
-                f"got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
-            )
-        if cu_seqlens.device.type == "cpu" and (int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != x.shape[-1]):
-            raise ValueError(f"causal_conv1d: cu_seqlens must run from 0 to T={x.shape[-1]}, got {cu_seqlens.tolist()}")
+        cu_seqlens = cu_seqlens.to(x.device)
+        check_cu_seqlens(cu_seqlens, x.shape[-1], x.device, "causal_conv1d")
         if unfit is None and x.shape[1] % 8:
             unfit = f"packed sequences need C divisible by 8 (channel-last kernel), got C={x.shape[1]}"
-    cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(x.device)
     if _resolve_backend(backend, unfit) == "cuda":
         return _conv_package(x, weight, activation, cu_seqlens)
     return _conv_torch(x, weight, activation, cu_seqlens)
