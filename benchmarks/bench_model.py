@@ -297,13 +297,14 @@ def environment(device: torch.device) -> dict:
             info[package] = __import__(package).__version__
         except Exception:
             info[package] = None
-    from m2rnn.kernels.gated_deltanet import _fla_backward_works, fla_available
+    from m2rnn.kernels.gated_delta_rule.op import _fla_backward_works, fla_available
+    from m2rnn.kernels.m2rnn.op import _resolve_backend
 
+    refused = "torch (fla's backward refuses this triton on Hopper, fla #640)"
     info["gdn_backend"] = {
         "prefill/decode": "fla" if fla_available(device) else "torch",
-        "training": "fla" if fla_available(device) and _fla_backward_works() else "torch_chunked (fla's backward refuses this triton on Hopper, fla #640)" if fla_available(device) else "torch_chunked",
+        "training": "fla" if fla_available(device) and _fla_backward_works() else refused if fla_available(device) else "torch",
     }
-    from m2rnn.kernels.m2rnn import _resolve_backend
 
     info["m2rnn_backend"] = _resolve_backend(None, device, "bench")
     return info
