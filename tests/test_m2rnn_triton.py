@@ -113,6 +113,24 @@ def test_matches_reference_fp32(grouping, clip):
         assert rel(unclipped[2][1], want[2][1]) > 1e-2
 
 
+BACKWARD_CONFIGS = {
+    # 2 steps per parallel pass: 4 passes per chunk of 8, the last chunk (3 steps) ends mid-pass
+    "chain, 2-step passes": M2RNNTritonConfig(checkpoint_interval=8, backward_pass_rows=32),
+    # 32-row blocks (K = 32 in one block), 4 steps per pass
+    "chain, 32-row block": M2RNNTritonConfig(checkpoint_interval=8, block_k=32, backward_pass_rows=128),
+    "step by step": M2RNNTritonConfig(checkpoint_interval=8, chain_backward=False),
+}
+
+
+@pytest.mark.parametrize("name", list(BACKWARD_CONFIGS))
+def test_backward_variants_match_reference(name):
+    """Both backward kernels, with passes that split chunks and end mid-pass, against the float64 reference."""
+    inputs = make_inputs(2, 19, 4, 32, 8, GROUPINGS["mixed"])
+    want = reference(inputs, gradient_clipping=0.05)
+    got = run(m2rnn_recurrence_triton, inputs, gradient_clipping=0.05, config=BACKWARD_CONFIGS[name])
+    assert_close(got, want, 1e-4, name)
+
+
 @pytest.mark.parametrize("half_state_dot", [False, True])
 @pytest.mark.parametrize("unroll", [1, 2])
 def test_matches_reference_fp16(half_state_dot, unroll):

@@ -16,18 +16,25 @@ class M2RNNTritonConfig:
         half_precision_state_dot: run H @ W with float16 operands (float32 accumulation) for 16-bit inputs; the
             carried state stays float32. |H| ≤ max(1, |H_0|), so float16 keeps tf32's 10-bit mantissa.
         loop_unroll: unroll factor of the sequential loops.
+        chain_backward: backward that walks only the carried gradient and computes the parameter gradients in
+            parallel passes (`backward.py`); False runs the step-by-step backward.
+        backward_pass_rows: rows (steps × state rows) of one parallel pass of the chain backward.
     """
 
     checkpoint_interval: int = 64
     block_k: int | None = None
     half_precision_state_dot: bool = False
     loop_unroll: int = 1
+    chain_backward: bool = True
+    backward_pass_rows: int = 256
 
     def __post_init__(self):
         if self.checkpoint_interval < 1:
             raise ValueError(f"M2RNNTritonConfig: checkpoint_interval must be >= 1, got {self.checkpoint_interval}")
         if self.block_k not in (None, 16, 32, 64):
             raise ValueError(f"M2RNNTritonConfig: block_k must be None, 16, 32 or 64, got {self.block_k}")
+        if self.backward_pass_rows < 16 or self.backward_pass_rows & (self.backward_pass_rows - 1):
+            raise ValueError(f"M2RNNTritonConfig: backward_pass_rows must be a power of 2 >= 16, got {self.backward_pass_rows}")
         if self.loop_unroll < 1:
             raise ValueError(f"M2RNNTritonConfig: loop_unroll must be >= 1, got {self.loop_unroll}")
 

@@ -11,6 +11,7 @@ tracing the launch code; eager calls go straight to the kernels.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -151,13 +152,14 @@ def _num_heads(q, k, v, weight, forget) -> int:
 
 
 def _config_fields(config: M2RNNTritonConfig) -> list[int]:
-    """The config as the int list a custom op can take (block_k None as 0)."""
-    return [config.checkpoint_interval, config.block_k or 0, int(config.half_precision_state_dot), config.loop_unroll]
+    """The config as the int list a custom op can take (block_k None as 0, booleans as 0/1)."""
+    return [int(value or 0) for value in dataclasses.astuple(config)]
 
 
 def _config_from(fields: list[int]) -> M2RNNTritonConfig:
-    interval, block_k, half_dot, unroll = fields
-    return M2RNNTritonConfig(interval, block_k or None, bool(half_dot), unroll)
+    types = [field.type for field in dataclasses.fields(M2RNNTritonConfig)]
+    values = [bool(x) if kind == "bool" else (x or None) if "None" in kind else x for x, kind in zip(fields, types)]
+    return M2RNNTritonConfig(*values)
 
 
 def _recurrence_op(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping, config):
