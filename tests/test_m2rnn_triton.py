@@ -118,6 +118,9 @@ BACKWARD_CONFIGS = {
     "chain, 2-step passes": M2RNNTritonConfig(checkpoint_interval=8, backward_pass_rows=32),
     # 32-row blocks (K = 32 in one block), 4 steps per pass
     "chain, 32-row block": M2RNNTritonConfig(checkpoint_interval=8, block_k=32, backward_pass_rows=128),
+    # passes of 3 steps walked, then cut into 2-step tiles (the last tile of each pass half empty)
+    "chain, 3-step passes of 2-step tiles": M2RNNTritonConfig(checkpoint_interval=8, backward_pass_rows=32,
+                                                              backward_pass_steps=3),
     "step by step": M2RNNTritonConfig(checkpoint_interval=8, chain_backward=False),
 }
 

@@ -138,7 +138,7 @@ def _m2rnn_bwd_kernel(
 
 
 
-@triton.autotune(configs=_autotune_configs(), key=["BLOCK_K", "BLOCK_V", "work_bucket", "CLIP", "PASS_STEPS"])
+@triton.autotune(configs=_autotune_configs(), key=["BLOCK_K", "BLOCK_V", "work_bucket", "CLIP", "PASS_STEPS", "TILE_STEPS"])
 @triton.jit
 def _m2rnn_bwd_chain_kernel(
     q_ptr, k_ptr, v_ptr, w_ptr, f_ptr, checkpoint_ptr, dy_ptr, dht_ptr,
@@ -147,7 +147,7 @@ def _m2rnn_bwd_chain_kernel(
     seqlen, chunks_per_seq, total_tokens, work_bucket, clip,
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
-    PASS_STEPS: tl.constexpr,
+    PASS_STEPS: tl.constexpr, TILE_STEPS: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, CLIP: tl.constexpr,
     LOOP_UNROLL: tl.constexpr, TANH_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
 ):
@@ -156,7 +156,7 @@ def _m2rnn_bwd_chain_kernel(
     Per chunk, last first: (A1) recompute the chunk from its checkpoint, keeping the state at the start of every
     pass of PASS_STEPS steps; then per pass, last first: (A2) recompute the pass's states H_{t-1} and gates Z_t
     into scratch, (B) walk the chain dH ← f·G + ((1-f)·G·(1-Z²)) Wᵀ with G = clip(dH) + q dyᵀ, writing G per step
-    to scratch, and (C) compute every parameter gradient of those steps at once on a (PASS_STEPS·BLOCK_K, V) tile:
+    to scratch, and (C) compute the parameter gradients of those steps on (TILE_STEPS·BLOCK_K, V) tiles:
     dX = (1-f)·G·(1-Z²), dq = H_t dy, dk = dX v, dv = Σ_rows dX k, df = Σ G·(H_{t-1} - Z), and
     dW += H_{t-1}ᵀ dX as one tensor-core dot over (time × rows). Recomputing twice keeps the per-pass scratch
     (3·PASS_STEPS tiles per program) small enough to stay in L2: a chunk's worth of H and Z would go to DRAM.
@@ -202,13 +202,12 @@ def _m2rnn_bwd_chain_kernel(
     dy_base = dy_ptr + n * V + cols
     partial_token = pid_k.to(tl.int64) * total_tokens
 
-    # The pass tile: row p is row p % BLOCK_K of step p // BLOCK_K of the pass.
-    PASS_ROWS: tl.constexpr = PASS_STEPS * BLOCK_K
-    p_offs = tl.arange(0, PASS_ROWS)
+    # The parallel tile: row p is row p % BLOCK_K of step p // BLOCK_K of the tile.
+    p_offs = tl.arange(0, TILE_STEPS * BLOCK_K)
     p_step = p_offs // BLOCK_K
     p_row = pid_k * BLOCK_K + p_offs % BLOCK_K
     p_tile = p_offs[:, None] * BLOCK_V + cols[None, :]
-    s_idx = tl.arange(0, PASS_STEPS)
+    s_idx = tl.arange(0, TILE_STEPS)
 
     num_chunks = tl.cdiv(length, CHUNK)
     for chunk_from_end in range(num_chunks):
@@ -276,31 +275,35 @@ def _m2rnn_bwd_chain_kernel(
                 z_t, q_t, f_t, dy_t = z_next, q_next, f_next, dy_next
             tl.debug_barrier()
 
-            # (C) the parameter gradients of the pass's steps, all at once.
-            p_ok = p_step < steps
-            p_tok = start + first + tl.minimum(p_step, steps - 1)
-            p_mask = p_ok[:, None] & col_mask[None, :]
-            h_prev = tl.load(states + p_tile, mask=p_ok[:, None], other=0.0)
-            z = tl.load(gates + p_tile, mask=p_ok[:, None], other=0.0)
-            g = tl.load(grads + p_tile, mask=p_ok[:, None], other=0.0)
-            f_p = tl.load(f_ptr + p_tok * NF + n // (N // NF)).to(tl.float32)
-            k_p = tl.load(k_ptr + p_tok * (NK * K) + (n // (N // NK)) * K + p_row, mask=p_ok & (p_row < K), other=0.0)
-            v_p = tl.load(v_ptr + p_tok[:, None] * (NV * V) + (n // (N // NV)) * V + cols[None, :], mask=p_mask, other=0.0)
-            dy_p = tl.load(dy_ptr + p_tok[:, None] * (N * V) + n * V + cols[None, :], mask=p_mask, other=0.0)
-            keep = (1.0 - f_p)[:, None]
-            dx = keep * g * (1.0 - z * z)
-            h_cur = h_prev + keep * (z - h_prev)
-            dqk = p_tok * (N * K) + n * K + p_row
-            dqk_mask = p_ok & (p_row < K)
-            tl.store(dq_ptr + dqk, tl.sum(h_cur * dy_p.to(tl.float32), axis=1), mask=dqk_mask)
-            tl.store(dk_ptr + dqk, tl.sum(dx * v_p.to(tl.float32), axis=1), mask=dqk_mask)
-            dv_p = tl.sum(tl.reshape(dx * k_p.to(tl.float32)[:, None], [PASS_STEPS, BLOCK_K, BLOCK_V]), axis=1)
-            df_p = tl.sum(tl.reshape(tl.sum(g * (h_prev - z), axis=1), [PASS_STEPS, BLOCK_K]), axis=1)
-            s_ok = s_idx < steps
-            s_tok = partial_token + start + first + s_idx
-            tl.store(dv_ptr + (s_tok[:, None] * N + n) * V + cols[None, :], dv_p, mask=s_ok[:, None] & col_mask[None, :])
-            tl.store(df_ptr + s_tok * N + n, df_p, mask=s_ok)
-            dw_acc += tl.dot(tl.trans(h_prev), dx, input_precision=DOT_PRECISION)
+            # (C) the parameter gradients of the pass's steps, TILE_STEPS steps at a time.
+            for tile_first in range(0, steps, TILE_STEPS):
+                p_ok = tile_first + p_step < steps
+                p_tok = start + first + tile_first + tl.minimum(p_step, steps - 1 - tile_first)
+                p_mask = p_ok[:, None] & col_mask[None, :]
+                tile_offset = tile_first * TILE + p_tile
+                h_prev = tl.load(states + tile_offset, mask=p_ok[:, None], other=0.0)
+                z = tl.load(gates + tile_offset, mask=p_ok[:, None], other=0.0)
+                g = tl.load(grads + tile_offset, mask=p_ok[:, None], other=0.0)
+                f_p = tl.load(f_ptr + p_tok * NF + n // (N // NF)).to(tl.float32)
+                k_p = tl.load(k_ptr + p_tok * (NK * K) + (n // (N // NK)) * K + p_row, mask=p_ok & (p_row < K), other=0.0)
+                v_p = tl.load(v_ptr + p_tok[:, None] * (NV * V) + (n // (N // NV)) * V + cols[None, :], mask=p_mask,
+                              other=0.0)
+                dy_p = tl.load(dy_ptr + p_tok[:, None] * (N * V) + n * V + cols[None, :], mask=p_mask, other=0.0)
+                keep = (1.0 - f_p)[:, None]
+                dx = keep * g * (1.0 - z * z)
+                h_cur = h_prev + keep * (z - h_prev)
+                dqk = p_tok * (N * K) + n * K + p_row
+                dqk_mask = p_ok & (p_row < K)
+                tl.store(dq_ptr + dqk, tl.sum(h_cur * dy_p.to(tl.float32), axis=1), mask=dqk_mask)
+                tl.store(dk_ptr + dqk, tl.sum(dx * v_p.to(tl.float32), axis=1), mask=dqk_mask)
+                dv_p = tl.sum(tl.reshape(dx * k_p.to(tl.float32)[:, None], [TILE_STEPS, BLOCK_K, BLOCK_V]), axis=1)
+                df_p = tl.sum(tl.reshape(tl.sum(g * (h_prev - z), axis=1), [TILE_STEPS, BLOCK_K]), axis=1)
+                s_ok = tile_first + s_idx < steps
+                s_tok = partial_token + start + first + tile_first + s_idx
+                tl.store(dv_ptr + (s_tok[:, None] * N + n) * V + cols[None, :], dv_p,
+                         mask=s_ok[:, None] & col_mask[None, :])
+                tl.store(df_ptr + s_tok * N + n, df_p, mask=s_ok)
+                dw_acc += tl.dot(tl.trans(h_prev), dx, input_precision=DOT_PRECISION)
             tl.debug_barrier()
 
     if STORE_DH0:
@@ -320,8 +323,9 @@ def _backward(layout: _Layout, q, k, v, weight, forget, checkpoints, dy, d_final
     dh0 = torch.empty(layout.batch, heads, key_dim, value_dim, **f32) if needs_dh0 else dw_parts
     programs = layout.grid[0] * layout.grid[1]
     if layout.config.chain_backward:
-        pass_steps = max(1, layout.config.backward_pass_rows // layout.block_k)
-        kernel, extra = _m2rnn_bwd_chain_kernel, dict(PASS_STEPS=pass_steps)
+        tile_steps = max(1, layout.config.backward_pass_rows // layout.block_k)
+        pass_steps = min(layout.config.backward_pass_steps or tile_steps, layout.chunk)
+        kernel, extra = _m2rnn_bwd_chain_kernel, dict(PASS_STEPS=pass_steps, TILE_STEPS=tile_steps)
         tiles = triton.cdiv(layout.chunk, pass_steps) + 3 * pass_steps
     else:
         kernel, extra, tiles = _m2rnn_bwd_kernel, {}, layout.chunk

@@ -18,7 +18,9 @@ class M2RNNTritonConfig:
         loop_unroll: unroll factor of the sequential loops.
         chain_backward: backward that walks only the carried gradient and computes the parameter gradients in
             parallel passes (`backward.py`); False runs the step-by-step backward.
-        backward_pass_rows: rows (steps × state rows) of one parallel pass of the chain backward.
+        backward_pass_rows: rows (steps × state rows) of one tile of the chain backward's parallel pass.
+        backward_pass_steps: steps per pass of the chain backward (recomputed, walked, then turned into parameter
+            gradients from a scratch of 3 tiles per step); None: one tile's steps (backward_pass_rows / rows).
     """
 
     checkpoint_interval: int = 64
@@ -27,6 +29,7 @@ class M2RNNTritonConfig:
     loop_unroll: int = 1
     chain_backward: bool = True
     backward_pass_rows: int = 256
+    backward_pass_steps: int | None = None
 
     def __post_init__(self):
         if self.checkpoint_interval < 1:
@@ -35,6 +38,8 @@ class M2RNNTritonConfig:
             raise ValueError(f"M2RNNTritonConfig: block_k must be None, 16, 32 or 64, got {self.block_k}")
         if self.backward_pass_rows < 16 or self.backward_pass_rows & (self.backward_pass_rows - 1):
             raise ValueError(f"M2RNNTritonConfig: backward_pass_rows must be a power of 2 >= 16, got {self.backward_pass_rows}")
+        if self.backward_pass_steps is not None and self.backward_pass_steps < 1:
+            raise ValueError(f"M2RNNTritonConfig: backward_pass_steps must be None or >= 1, got {self.backward_pass_steps}")
         if self.loop_unroll < 1:
             raise ValueError(f"M2RNNTritonConfig: loop_unroll must be >= 1, got {self.loop_unroll}")
 
