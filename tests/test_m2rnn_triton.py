@@ -165,6 +165,22 @@ def test_exported_forward_backward_pair_equals_autograd(with_h0):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_compiled_op_equals_eager():
+    """Under torch.compile the op is the registered custom op pair (forward keeping its checkpoints, backward
+    starting from them), with the launch config passed through; outputs and gradients equal the eager path."""
+    inputs = make_inputs(2, 11, 4, 16, 8, GROUPINGS["shared_qk"])
+    config = BACKWARD_CONFIGS["chain, 2-step passes"]
+
+    def fn(*args, **kwargs):
+        return op.m2rnn_recurrence(*args, backend="triton", triton_config=config, **kwargs)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    eager = run(fn, inputs, gradient_clipping=0.05)
+    got = run(compiled, inputs, gradient_clipping=0.05)
+    for a, b in zip((eager[0], eager[1], *eager[2]), (got[0], got[1], *got[2])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_loss_on_final_state_only():
     inputs = make_inputs(1, 11, 2, 16, 16)
     assert_close(run(m2rnn_recurrence_triton, inputs, final_only=True), reference(inputs, final_only=True), 1e-4)
@@ -291,9 +307,10 @@ def test_one_step_without_grad_runs_the_decode_kernel(with_state, monkeypatch):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("clip", [None, 1.0])
-@pytest.mark.parametrize("half_state_dot", [False, True])
-def test_bf16_real_shape(clip, half_state_dot):
-    config = M2RNNTritonConfig(half_precision_state_dot=half_state_dot)
+@pytest.mark.parametrize("variant", ["chain backward", "step-by-step backward", "fp16 H@W"])
+def test_bf16_real_shape(clip, variant):
+    config = {"chain backward": REAL, "step-by-step backward": M2RNNTritonConfig(chain_backward=False),
+              "fp16 H@W": M2RNNTritonConfig(half_precision_state_dot=True)}[variant]
     # W = 0.3·I + noise has spectral norm < 1: without clipping, a recurrence that is not contractive amplifies
     # the rounding of any two correct implementations over 1000 steps (seen on the H100: 50% apart in dk).
     inputs = make_inputs(2, 1000, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16, w_diagonal=0.3)
@@ -301,6 +318,20 @@ def test_bf16_real_shape(clip, half_state_dot):
     got = run(m2rnn_recurrence_triton, inputs, gradient_clipping=clip, config=config)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     assert_close(got, want, 3e-2, "bf16")
+
+
+@pytest.mark.gpu
+@gpu
+def test_bf16_packed_real_shape():
+    """Packed documents (one empty, one of a single token) at the paper's head layout, through the public op."""
+    lengths = [700, 1, 0, 300]
+    cu_seqlens = torch.tensor([0, 700, 701, 701, 1001], dtype=torch.int32, device=DEVICE)
+    inputs = make_inputs(1, sum(lengths), 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16, packed=True,
+                         w_diagonal=0.3)
+    inputs[-1] = (torch.randn(len(lengths), 84, 64, 16) * 0.3).to(DEVICE)
+    want = run(m2rnn_recurrence_torch, [x.float() for x in inputs], cu_seqlens=cu_seqlens, gradient_clipping=1.0)
+    got = run(op.m2rnn_recurrence, inputs, cu_seqlens=cu_seqlens, gradient_clipping=1.0, backend="triton")
+    assert_close(got, want, 3e-2, "bf16 packed")
 
 
 @pytest.mark.gpu
