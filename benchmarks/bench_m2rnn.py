@@ -222,10 +222,9 @@ def sweep(results: dict) -> None:
 
 VARIANTS = {  # name: M2RNNTritonConfig fields
     "chain backward, 256-row passes (default)": dict(),
+    "chain backward, 16-step passes of 256-row tiles": dict(backward_pass_steps=16),
     "chain backward, 128-row passes": dict(backward_pass_rows=128),
-    "chain backward, 512-row passes": dict(backward_pass_rows=512),
     "step-by-step backward": dict(chain_backward=False),
-    "chain backward, fp16 H@W": dict(half_precision_state_dot=True),
 }
 
 
@@ -328,10 +327,6 @@ def main() -> None:
                      "config": dataclasses.asdict(CONFIG)}
     peer, peer_note = xma_op(args.vs_xma) if args.vs_xma else (None, "not asked (--vs-xma PATH)")
     print("peer:", peer_note, flush=True)
-    if args.variants:
-        variants(results)
-    if args.sweep:
-        sweep(results)
 
     table = []
     for name, shape in SHAPES.items():
@@ -385,6 +380,10 @@ def main() -> None:
     print("floors:", {name: {k: round(v, 3) for k, v in floors(*shape).items()} for name, shape in SHAPES.items()})
     for kernel in (forward._m2rnn_fwd_kernel, backward._m2rnn_bwd_kernel, backward._m2rnn_bwd_chain_kernel):
         print(kernel.fn.__name__, "autotuned:", {str(key): str(cfg) for key, cfg in kernel.cache.items()})
+    if args.variants:
+        variants(results)
+    if args.sweep:
+        sweep(results)
     results.update(table=table, kept_gb=kept_gb, peak_gb=peak_gb, peer_memory=peer_memory, decode_eager_us=eager_us,
                    decode_graph_us=graph_us, one_step_us=one_step_us, peer_one_step_us=peer_one_step_us,
                    peer=peer_note, gdn={k: list(v) for k, v in gdn.items()})
