@@ -115,13 +115,14 @@ def test_matches_reference_fp32(grouping, clip):
 
 BACKWARD_CONFIGS = {
     # 2 steps per parallel pass: 4 passes per chunk of 8, the last chunk (3 steps) ends mid-pass
-    "chain, 2-step passes": M2RNNTritonConfig(checkpoint_interval=8, backward_pass_rows=32),
+    "chain, 2-step passes": M2RNNTritonConfig(checkpoint_interval=8, chain_backward=True, backward_pass_rows=32),
     # 32-row blocks (K = 32 in one block), 4 steps per pass
-    "chain, 32-row block": M2RNNTritonConfig(checkpoint_interval=8, block_k=32, backward_pass_rows=128),
+    "chain, 32-row block": M2RNNTritonConfig(checkpoint_interval=8, chain_backward=True, block_k=32,
+                                             backward_pass_rows=128),
     # passes of 3 steps walked, then cut into 2-step tiles (the last tile of each pass half empty)
-    "chain, 3-step passes of 2-step tiles": M2RNNTritonConfig(checkpoint_interval=8, backward_pass_rows=32,
-                                                              backward_pass_steps=3),
-    "step by step": M2RNNTritonConfig(checkpoint_interval=8, chain_backward=False),
+    "chain, 3-step passes of 2-step tiles": M2RNNTritonConfig(checkpoint_interval=8, chain_backward=True,
+                                                              backward_pass_rows=32, backward_pass_steps=3),
+    "step by step": M2RNNTritonConfig(checkpoint_interval=8),
 }
 
 
@@ -309,7 +310,7 @@ def test_one_step_without_grad_runs_the_decode_kernel(with_state, monkeypatch):
 @pytest.mark.parametrize("clip", [None, 1.0])
 @pytest.mark.parametrize("variant", ["chain backward", "step-by-step backward", "fp16 H@W"])
 def test_bf16_real_shape(clip, variant):
-    config = {"chain backward": REAL, "step-by-step backward": M2RNNTritonConfig(chain_backward=False),
+    config = {"chain backward": M2RNNTritonConfig(chain_backward=True), "step-by-step backward": REAL,
               "fp16 H@W": M2RNNTritonConfig(half_precision_state_dot=True)}[variant]
     # W = 0.3·I + noise has spectral norm < 1: without clipping, a recurrence that is not contractive amplifies
     # the rounding of any two correct implementations over 1000 steps (seen on the H100: 50% apart in dk).

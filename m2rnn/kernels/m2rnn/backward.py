@@ -4,10 +4,12 @@ Per program and per chunk, last chunk first, the chunk's states are recomputed f
 chunk-sized scratch buffer and the chunk is walked backwards. Two kernels, chosen by
 `M2RNNTritonConfig.chain_backward`:
 
-- `_m2rnn_bwd_chain_kernel` (default) keeps only the carried gradient dH on the sequential walk and writes the
-  state gradient G_t per step to scratch; every PASS_STEPS steps a parallel pass turns (H_{t-1}, Z_t, G_t) into
-  dq, dk, dv, df and dW with whole-tile reductions and one tensor-core dot over (time × rows);
-- `_m2rnn_bwd_kernel` computes every gradient inside the walk, step by step (the first version, kept to compare).
+- `_m2rnn_bwd_kernel` (default) computes every gradient inside the reverse walk, step by step;
+- `_m2rnn_bwd_chain_kernel` keeps only the carried gradient dH on the sequential walk and writes the state
+  gradient G_t per step to scratch; every PASS_STEPS steps a parallel pass turns (H_{t-1}, Z_t, G_t) into dq, dk,
+  dv, df and dW with whole-tile reductions and one tensor-core dot over (time × rows). Correct, but measured 4×
+  slower on an H200 (the parallel pass costs as many FP32 instructions per element as the old walk, plus a second
+  recomputation): opt-in until tuned.
 
 Every gradient is written as a per-head (and per row block) partial and reduced afterwards by a plain ``sum`` in
 torch, so grouped heads (Nq = Nk = 1 in the paper models) never contend on atomics.

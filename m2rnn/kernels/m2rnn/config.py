@@ -17,8 +17,10 @@ class M2RNNTritonConfig:
             carried state stays float32. |H| ≤ max(1, |H_0|), so float16 keeps tf32's 10-bit mantissa.
         loop_unroll: unroll factor of the sequential loops.
         chain_backward: backward that walks only the carried gradient and computes the parameter gradients in
-            parallel passes (`backward.py`); False runs the step-by-step backward.
-        backward_pass_rows: rows (steps × state rows) of one tile of the chain backward's parallel pass.
+            parallel passes (`backward.py`). Off by default: measured 4x slower than the step-by-step backward on
+            an H200 (benchmarks/RESULTS.md §1), kept to be tuned.
+        backward_pass_rows: rows (steps × state rows) of one tile of the chain backward's parallel pass; 64 is
+            the largest that compiles without register spills at 2 and 4 warps (`inspect_sass.py`).
         backward_pass_steps: steps per pass of the chain backward (recomputed, walked, then turned into parameter
             gradients from a scratch of 3 tiles per step); None: one tile's steps (backward_pass_rows / rows).
     """
@@ -27,8 +29,8 @@ class M2RNNTritonConfig:
     block_k: int | None = None
     half_precision_state_dot: bool = False
     loop_unroll: int = 1
-    chain_backward: bool = True
-    backward_pass_rows: int = 256
+    chain_backward: bool = False
+    backward_pass_rows: int = 64
     backward_pass_steps: int | None = None
 
     def __post_init__(self):

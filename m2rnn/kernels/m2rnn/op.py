@@ -69,22 +69,24 @@ def m2rnn_recurrence(
 
     The values of `cu_seqlens` and `forget` are checked here, once, except while torch.compile traces, while a
     CUDA graph is captured, or with ``M2RNN_SKIP_VALUE_CHECKS=1`` (on CUDA the check costs a host sync). With
-    the Triton backend, S == 1 without gradients runs the decode kernel.
+    the Triton backend, S == 1 without gradients runs the decode kernel and, like `m2rnn_decode_step`, skips the
+    forget-gate value check (no host sync on a decode path).
     """
     op = "m2rnn_recurrence"
     check_recurrence_inputs(q, k, v, weight, forget, initial_state, cu_seqlens)
     check_gradient_clipping(gradient_clipping, op)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, q.shape[0], q.device, op)
-    check_forget_gates(forget, op)
     if _resolve_backend(backend, q.device, op) == "triton":
         if torch.compiler.is_compiling():
             return _recurrence_op(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping,
                                   triton_config)
         if _is_one_step_without_grad(q, k, v, weight, forget, initial_state, cu_seqlens):
-            return _one_step(q, k, v, weight, forget, initial_state)
+            return _one_step(q, k, v, weight, forget, initial_state)  # decode-like: no host sync for checks
+        check_forget_gates(forget, op)
         return m2rnn_recurrence_triton(q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens,
                                        gradient_clipping=gradient_clipping, config=triton_config)
+    check_forget_gates(forget, op)
     return m2rnn_recurrence_torch(q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens,
                                   gradient_clipping=gradient_clipping)
 
