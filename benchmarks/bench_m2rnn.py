@@ -60,8 +60,10 @@ def make_inputs(batch, seqlen, heads, key_dim=64, value_dim=16, dtype=torch.bflo
     return [x.requires_grad_(requires_grad) for x in (q, k, v, w, f)]
 
 
-def ours(config: M2RNNTritonConfig = CONFIG):
-    """Our Triton kernels with `config`, called as the layers call the op."""
+def ours(config: M2RNNTritonConfig | None = None):
+    """Our Triton kernels with `config` (default: the `--config` one), called as the layers call the op."""
+    config = config or CONFIG
+
     def fn(q, k, v, w, f, gradient_clipping=None):
         return m2rnn_recurrence_triton(q, k, v, w, f, gradient_clipping=gradient_clipping, config=config)
     return fn
