@@ -194,3 +194,24 @@ def test_forget_gates_of_zero_and_one_are_accepted_and_value_checks_can_be_skipp
     x["forget"][0, 0, 0] = 2.0
     monkeypatch.setenv("M2RNN_SKIP_VALUE_CHECKS", "1")
     m2rnn_recurrence(**x)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(checkpoint_interval=0), "checkpoint_interval must be >= 1"),
+        (dict(block_k=48), "block_k must be None, 16, 32 or 64"),
+        (dict(backward_pass_rows=100), "backward_pass_rows must be a power of 2"),
+        (dict(backward_pass_steps=0), "backward_pass_steps must be None or >= 1"),
+        (dict(loop_unroll=0), "loop_unroll must be >= 1"),
+    ],
+)
+def test_triton_launch_config_refuses_bad_fields(fields, message):
+    """The launch knobs are a frozen dataclass passed in (no module globals); bad values are named at construction."""
+    from m2rnn.kernels import M2RNNTritonConfig
+
+    with pytest.raises(ValueError, match=message):
+        M2RNNTritonConfig(**fields)
+    config = M2RNNTritonConfig()
+    with pytest.raises(AttributeError):
+        config.block_k = 32
