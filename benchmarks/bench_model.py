@@ -4,6 +4,11 @@
     python benchmarks/bench_model.py --quick               # 4K training, 4K prefill, decode after 1K tokens
     python benchmarks/bench_model.py --only decode --models hybrid-m2rnn,llama --contexts 1024
     python benchmarks/bench_model.py --device cpu --preset-scale tiny --output-dir /tmp/b   # CPU smoke run, seconds
+    python benchmarks/bench_model.py --fla-unguarded --only train --models hybrid-gdn,hybrid-gdn-m2rnn-1l --quick
+
+`--fla-unguarded` lifts fla 0.6's refusal of its gated backward on Hopper with Triton 3.4-3.7.0 (fla #640: that
+Triton miscompiles one backward kernel, so the gradients are wrong) FOR TIMING ONLY: the GDN layers then train
+with fla's real kernels, which is what the one-layer-swap cost must be measured against; the results say so.
 
 Models: the presets `hybrid-gdn-400m`, `hybrid-gdn-m2rnn-1l-400m`, `hybrid-m2rnn-400m` and a transformers
 `LlamaForCausalLM` with the same width, depth, vocabulary and (to within 0.5%) parameter count as the GDN hybrid.
@@ -297,13 +302,14 @@ def environment(device: torch.device) -> dict:
             info[package] = __import__(package).__version__
         except Exception:
             info[package] = None
-    from m2rnn.kernels.gated_deltanet import _fla_backward_works, fla_available
+    from m2rnn.kernels.gated_delta_rule.op import _fla_backward_works, fla_available
+    from m2rnn.kernels.m2rnn.op import _resolve_backend
 
+    refused = "torch (fla's backward refuses this triton on Hopper, fla #640)"
     info["gdn_backend"] = {
         "prefill/decode": "fla" if fla_available(device) else "torch",
-        "training": "fla" if fla_available(device) and _fla_backward_works() else "torch_chunked (fla's backward refuses this triton on Hopper, fla #640)" if fla_available(device) else "torch_chunked",
+        "training": "fla" if fla_available(device) and _fla_backward_works() else refused if fla_available(device) else "torch",
     }
-    from m2rnn.kernels.m2rnn import _resolve_backend
 
     info["m2rnn_backend"] = _resolve_backend(None, device, "bench")
     return info
@@ -314,6 +320,8 @@ def run(args) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     clock = Clock(device)
     results = dict(environment=environment(device), settings=vars(args).copy(), parameters={}, measurements=[])
+    if getattr(args, "fla_unguarded", False):
+        results["environment"]["gdn_backend"]["training"] += " (backward guard lifted for timing only, fla #640)"
     results["settings"]["dtype"] = args.dtype
     items = plan(args)
     started = time.perf_counter()
@@ -499,6 +507,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-steps", type=int, default=32, help="timed decode tokens")
     parser.add_argument("--time-budget", type=float, default=330.0, help="seconds; later measurements are skipped")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--fla-unguarded", action="store_true",
+                        help="timing only: lift fla's Hopper/Triton<3.7.1 backward guard (its gradients are wrong there)")
     args = parser.parse_args(argv)
 
     for key, allowed in (("models", MODELS), ("only", MEASUREMENTS)):
@@ -522,8 +532,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def lift_fla_backward_guard() -> str:
+    """Let fla's gated GDN backward run on Hopper with Triton < 3.7.1 (fla #640), for timing only."""
+    import fla.ops.common.chunk_o as chunk_o
+    import fla.utils
+
+    from m2rnn.kernels.gated_delta_rule import op
+
+    chunk_o.TRITON_ABOVE_3_7_1 = fla.utils.TRITON_ABOVE_3_7_1 = True
+    op._fla_backward_works.cache_clear()
+    return "fla backward guard lifted for timing (fla #640: its GDN gradients are wrong on this Triton/Hopper)"
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.fla_unguarded:
+        print(lift_fla_backward_guard(), flush=True)
     results = run(args)
     text = markdown(results)
     (args.output_dir / "model_results.md").write_text(text)

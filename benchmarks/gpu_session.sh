@@ -6,7 +6,8 @@
 #   tests     pytest -m gpu: the Triton kernel tests and the model-on-CUDA tests (no interpreter)
 #   variants  bench_m2rnn.py --variants: time and check each kernel knob combination
 #   ncu       Nsight Compute stall reasons of one forward and backward launch at the 400M shape
-#   bench     bench_m2rnn.py: the kernel figures table
+#             (NCU_KNOBS="--config chain_backward=True" profiles the chain backward)
+#   bench     bench_m2rnn.py: the kernel figures table (XMA=path/to/xma-checkout adds the authors' kernel beside)
 #   model     bench_model.py: model-level throughput, prefill, decode (issue 8)
 #   wait      wait for background phases, then write the S3 report
 set -o pipefail
@@ -46,7 +47,8 @@ for phase in $phases; do
       grep -E "^  _m2rnn|Duration|Warp Cycles Per Issued|Issued Warp Per Scheduler|No Eligible|Active Warps Per|Eligible Warps|Executed Ipc A" \
         "$OUT/ncu.log" | head -40 ;;
     bench)
-      timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_m2rnn.py ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 \
+      timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_m2rnn.py ${XMA:+--vs-xma "$XMA"} ${BENCH_ARGS:-} \
+        --json "$OUT/bench.json" 2>&1 \
         | tee "$OUT/bench.log" | tail -22 ;;
     model)
       timeout "${MODEL_TIMEOUT:-360}" python3 benchmarks/bench_model.py ${MODEL_ARGS:-} --output-dir "$OUT/model" 2>&1 \

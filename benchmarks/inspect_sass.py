@@ -1,12 +1,12 @@
 """Compile the M2RNN Triton kernels for Hopper (sm_90) without a GPU and count the instructions in their loops.
 
-    python benchmarks/inspect_sass.py [--kernel fwd|bwd|decode] [--dtype bf16] [--block-k 64] [--warps 1]
-                                      [--set NAME=VALUE ...] [--dump out.sass]
+    python benchmarks/inspect_sass.py [--kernel fwd|bwd|bwd_chain|decode] [--dtype bf16] [--block-k 64] [--warps 1]
+                                      [--config FIELD=VALUE ...] [--dump out.sass]
 
 Triton ships ptxas and cuobjdump, so a CPU machine can build the cubin that the H100 would run and show what
 each loop iteration issues: tensor-core ops (HMMA), special-function ops (MUFU: tanh), shuffles, shared-memory
 round trips and barriers. This is the free half of every tuning step (predict from the instruction mix, then
-time on the device); `--set` overrides a module knob of `m2rnn.kernels.m2rnn_triton` (e.g. TANH_PACKED=1).
+time on the device); `--config` sets a field of `M2RNNTritonConfig` (e.g. half_precision_state_dot=True).
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from bench_m2rnn import apply_knob  # benchmarks/ is on the path when this script runs
-from m2rnn.kernels import m2rnn_triton
+from bench_m2rnn import parse_config  # benchmarks/ is on the path when this script runs
+from m2rnn.kernels import M2RNNTritonConfig
+from m2rnn.kernels.m2rnn import backward, decode, forward
+from m2rnn.kernels.m2rnn.triton_common import _math_flags
 
 INSTRUCTION_CLASSES = {
     "HMMA": "tensor core", "MUFU": "special function", "SHFL": "shuffle", "BAR": "barrier",
@@ -43,7 +45,7 @@ def _signature(kernel_name: str, dtype: str) -> dict[str, str]:
         pointers = dict(q_ptr=x, k_ptr=x, v_ptr=x, w_ptr=x, f_ptr=x, h0_ptr=f32, y_ptr=x, ht_ptr=f32,
                         checkpoint_ptr=f32, cu_seqlens_ptr=i32, chunk_offsets_ptr=i32)
         scalars = dict(seqlen="i32", chunks_per_seq="i32", total_tokens="i32", work_bucket="i32")
-    elif kernel_name == "bwd":
+    elif kernel_name in ("bwd", "bwd_chain"):
         pointers = dict(q_ptr=x, k_ptr=x, v_ptr=x, w_ptr=x, f_ptr=x, checkpoint_ptr=f32, dy_ptr=x, dht_ptr=f32,
                         dq_ptr=f32, dk_ptr=f32, dv_ptr=f32, df_ptr=f32, dw_ptr=f32, dh0_ptr=f32, scratch_ptr=f32,
                         cu_seqlens_ptr=i32, chunk_offsets_ptr=i32)
@@ -54,23 +56,25 @@ def _signature(kernel_name: str, dtype: str) -> dict[str, str]:
     return {**pointers, **scalars}
 
 
-def compile_kernel(kernel_name: str, dtype: str, block_k: int, warps: int, key_dim: int = 64, value_dim: int = 16,
-                   heads: int = 84) -> triton.compiler.CompiledKernel:
+def compile_kernel(kernel_name: str, dtype: str, block_k: int, warps: int, config: M2RNNTritonConfig,
+                   key_dim: int = 64, value_dim: int = 16, heads: int = 84) -> triton.compiler.CompiledKernel:
     """Build one kernel for sm_90 with the constexprs the host wrapper would pass at the paper's shape."""
     import torch
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    jit = {"fwd": m2rnn_triton._m2rnn_fwd_kernel, "bwd": m2rnn_triton._m2rnn_bwd_kernel,
-           "decode": m2rnn_triton._m2rnn_decode_kernel}[kernel_name]
+    jit = {"fwd": forward._m2rnn_fwd_kernel, "bwd": backward._m2rnn_bwd_kernel,
+           "bwd_chain": backward._m2rnn_bwd_chain_kernel, "decode": decode._m2rnn_decode_kernel}[kernel_name]
     fn = jit.fn if hasattr(jit, "fn") and not isinstance(jit, triton.runtime.jit.JITFunction) else jit
     constexprs = dict(N=heads, NQ=1, NK=1, NV=heads, NF=heads, NW=heads, K=key_dim, V=value_dim,
                       BLOCK_K=block_k if kernel_name != "decode" else key_dim, BLOCK_V=max(16, value_dim),
-                      **m2rnn_triton._math_flags(torch_dtype))
+                      **_math_flags(torch_dtype, config))
     if kernel_name != "decode":
-        constexprs.update(CHUNK=m2rnn_triton.CHECKPOINT_INTERVAL, IS_VARLEN=False, LOOP_UNROLL=m2rnn_triton.LOOP_UNROLL)
+        constexprs.update(CHUNK=config.checkpoint_interval, IS_VARLEN=False, LOOP_UNROLL=config.loop_unroll,
+                          TILE_STEPS=max(1, config.backward_pass_rows // block_k))
+        constexprs["PASS_STEPS"] = min(config.backward_pass_steps or constexprs["TILE_STEPS"], config.checkpoint_interval)
     if kernel_name == "fwd":
         constexprs.update(HAS_H0=False, STORE_CHECKPOINTS=True)
-    if kernel_name == "bwd":
+    if kernel_name in ("bwd", "bwd_chain"):
         constexprs.update(HAS_DHT=False, STORE_DH0=False, CLIP=True)
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature = {**_signature(kernel_name, dtype), **{name: "constexpr" for name in constexprs}}
@@ -115,22 +119,21 @@ def histogram(instructions: list[tuple[int, str]], start: int, end: int) -> coll
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", choices=["fwd", "bwd", "decode"], default="fwd")
+    parser.add_argument("--kernel", choices=["fwd", "bwd", "bwd_chain", "decode"], default="fwd")
     parser.add_argument("--dtype", choices=list(POINTER_TYPES), default="bf16")
     parser.add_argument("--block-k", type=int, default=64)
     parser.add_argument("--warps", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="override a knob of m2rnn.kernels.m2rnn_triton (ints and booleans)")
+    parser.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE",
+                        help="set a field of M2RNNTritonConfig (ints, True/False, None)")
     parser.add_argument("--dump", help="write the full SASS here")
     args = parser.parse_args()
-    for item in args.set:
-        apply_knob(item, "--set")
-    kernel = compile_kernel(args.kernel, args.dtype, args.block_k, args.warps)
+    config = parse_config(args.config, "--config")
+    kernel = compile_kernel(args.kernel, args.dtype, args.block_k, args.warps, config)
     instructions = disassemble(kernel.asm["cubin"])
     if args.dump:
         with open(args.dump, "w") as out:
             out.write("\n".join(f"{a:05x} {t}" for a, t in instructions))
-    print(f"{args.kernel} {args.dtype} BLOCK_K={args.block_k} warps={args.warps} {args.set}: "
+    print(f"{args.kernel} {args.dtype} BLOCK_K={args.block_k} warps={args.warps} {args.config}: "
           f"{kernel.n_regs if hasattr(kernel, 'n_regs') else '?'} registers, "
           f"{kernel.metadata.shared} B shared, {len(instructions)} instructions")
     keys = ["total", *INSTRUCTION_CLASSES]

@@ -159,7 +159,7 @@ def _flatten_source(module: _Module, optional_modules: set[str], version: str) -
     guarded = _guarded_nodes(module.tree)
 
     for node, target in _relative_imports(module):
-        if target in optional_modules and id(node) not in guarded:
+        if target in optional_modules and module.name not in optional_modules and id(node) not in guarded:
             raise HubExportError(
                 f"{module.path}:{node.lineno}: imports {target} (which needs an optional package) outside `try`; "
                 "without that package the exported model would not load"
@@ -227,6 +227,19 @@ def export_code() -> dict[str, str]:
 
     modules = _collect_modules()
     optional = {name for name, module in modules.items() if _needs_optional_package(module)}
+    # A kernel module that imports an optional one outside `try` needs its package too (the Triton kernel files
+    # import each other); root modules and packages never do, so their imports of such modules must be guarded
+    # (_flatten_source refuses them otherwise).
+    grown = True
+    while grown:
+        grown = False
+        for name, module in modules.items():
+            guarded = _guarded_nodes(module.tree)
+            if name not in optional and any(
+                target in optional and id(node) not in guarded for node, target in _relative_imports(module)
+            ) and name not in ROOT_MODULES and not module.is_package:
+                optional.add(name)
+                grown = True
     return {f"{module.flat_name}.py": _flatten_source(module, optional, __version__) for module in modules.values()}
 
 

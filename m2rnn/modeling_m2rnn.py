@@ -26,10 +26,15 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_m2rnn import M2RNNConfig
-from .kernels import m2rnn_decode_step, m2rnn_recurrence
-from .kernels.gated_deltanet import gated_delta_rule, gated_delta_rule_step
-from .kernels.short_conv import causal_conv1d, causal_conv1d_step
-from .kernels.utils import expand_heads
+from .kernels import (
+    causal_conv1d,
+    causal_conv1d_step,
+    expand_heads,
+    gated_delta_rule,
+    gated_delta_rule_step,
+    m2rnn_decode_step,
+    m2rnn_recurrence,
+)
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old name is
 # deprecated until 5.40); outputs are built with the field the installed version declares, so neither warns.

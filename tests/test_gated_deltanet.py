@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2rnn.kernels.gated_deltanet import gated_delta_rule, gated_delta_rule_step
+from m2rnn.kernels import gated_delta_rule, gated_delta_rule_step, gated_delta_rule_torch
 
 
 def make_inputs(batch=2, seqlen=150, key_heads=1, value_heads=2, key_dim=16, value_dim=8, dtype=torch.float64, seed=0):
@@ -26,8 +26,11 @@ def make_inputs(batch=2, seqlen=150, key_heads=1, value_heads=2, key_dim=16, val
     )
 
 
-def run(inputs, **kwargs):
+def run(inputs, chunked=None, **kwargs):
+    """The op (validated, dispatched), or with `chunked` given the torch reference's chunked / token-loop form."""
     tensors = [inputs[n] for n in ("q", "k", "v", "g", "beta")]
+    if chunked is not None:
+        return gated_delta_rule_torch(*tensors, inputs.get("initial_state"), chunked=chunked, **kwargs)
     return gated_delta_rule(*tensors, inputs.get("initial_state"), **kwargs)
 
 
@@ -35,8 +38,8 @@ def run(inputs, **kwargs):
 @pytest.mark.parametrize("seqlen", [1, 63, 150])
 def test_chunked_matches_recurrent(dtype, tol, seqlen):
     inputs = make_inputs(seqlen=seqlen, key_heads=2, value_heads=4, dtype=dtype)
-    o_ref, s_ref = run(inputs, backend="torch_recurrent")
-    o, s = run(inputs, backend="torch_chunked")
+    o_ref, s_ref = run(inputs, chunked=False)
+    o, s = run(inputs, chunked=True)
     assert o.shape == (2, seqlen, 4, 8) and o.dtype == dtype
     assert s.shape == (2, 4, 16, 8) and s.dtype == dtype
     torch.testing.assert_close(o, o_ref, atol=tol, rtol=tol)
@@ -66,7 +69,7 @@ def test_matches_the_canonical_math_written_out():
         u = beta[t] * (v[t] - state.T @ k_t)
         state = state + torch.outer(k_t, u)
         outputs.append(state.T @ q_t)
-    o, s = run(inputs, backend="torch_chunked")
+    o, s = run(inputs, chunked=True)
     torch.testing.assert_close(o[0, :, 0], torch.stack(outputs))
     torch.testing.assert_close(s[0, 0], state)
 
@@ -74,36 +77,36 @@ def test_matches_the_canonical_math_written_out():
 def test_without_qk_l2norm_and_custom_scale():
     inputs = make_inputs(seqlen=70)
     inputs["q"], inputs["k"] = F.normalize(inputs["q"], dim=-1), F.normalize(inputs["k"], dim=-1)
-    o_ref, s_ref = run(inputs, backend="torch_recurrent", use_qk_l2norm=False, scale=0.3)
-    o, s = run(inputs, backend="torch_chunked", use_qk_l2norm=False, scale=0.3)
+    o_ref, s_ref = run(inputs, chunked=False, use_qk_l2norm=False, scale=0.3)
+    o, s = run(inputs, chunked=True, use_qk_l2norm=False, scale=0.3)
     torch.testing.assert_close(o, o_ref)
     torch.testing.assert_close(s, s_ref)
-    o_norm, _ = run(inputs, backend="torch_chunked", scale=0.3)  # already unit norm: only the 1e-6 eps differs
+    o_norm, _ = run(inputs, chunked=True, scale=0.3)  # already unit norm: only the 1e-6 eps differs
     torch.testing.assert_close(o_norm, o, atol=1e-5, rtol=1e-5)
 
 
 def test_chunked_gradients_match_recurrent():
     inputs = make_inputs(batch=1, seqlen=70, key_heads=1, value_heads=2, key_dim=8, value_dim=4)
     grads = {}
-    for backend in ("torch_recurrent", "torch_chunked"):
+    for chunked in (False, True):
         leaves = {n: x.clone().requires_grad_() for n, x in inputs.items()}
-        o, s = run(leaves, backend=backend)
+        o, s = run(leaves, chunked=chunked)
         weights = torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)
         ((o * weights).sum() + s.pow(2).sum()).backward()
-        grads[backend] = {n: x.grad for n, x in leaves.items()}
+        grads[chunked] = {n: x.grad for n, x in leaves.items()}
     for name in inputs:
-        torch.testing.assert_close(grads["torch_chunked"][name], grads["torch_recurrent"][name], msg=name)
+        torch.testing.assert_close(grads[True][name], grads[False][name], msg=name)
 
 
-@pytest.mark.parametrize("backend", ["torch_chunked", "torch_recurrent"])
-def test_cu_seqlens_equals_separate_calls(backend):
+@pytest.mark.parametrize("chunked", [True, False, None])
+def test_cu_seqlens_equals_separate_calls(chunked):
     lengths = [5, 70, 0, 33]
     parts = [make_inputs(batch=1, seqlen=n, seed=i) for i, n in enumerate(lengths)]
     packed = {n: torch.cat([p[n] for p in parts], dim=0 if n == "initial_state" else 1) for n in parts[0]}
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    o, s = run(packed, cu_seqlens=cu_seqlens, backend=backend)
-    o_ref = torch.cat([run(p, backend=backend)[0] for p in parts], dim=1)
-    s_ref = torch.cat([run(p, backend=backend)[1] for p in parts], dim=0)
+    o, s = run(packed, cu_seqlens=cu_seqlens, chunked=chunked)
+    o_ref = torch.cat([run(p, chunked=chunked)[0] for p in parts], dim=1)
+    s_ref = torch.cat([run(p, chunked=chunked)[1] for p in parts], dim=0)
     torch.testing.assert_close(o, o_ref)
     torch.testing.assert_close(s, s_ref)
 
@@ -130,11 +133,14 @@ def test_low_precision_inputs_keep_a_float32_state():
 
 def test_default_backend_on_cpu_picks_torch():
     inputs = make_inputs(seqlen=1)
-    torch.testing.assert_close(run(inputs)[0], run(inputs, backend="torch_recurrent")[0])
+    torch.testing.assert_close(run(inputs)[0], run(inputs, chunked=False)[0])
     with pytest.raises(RuntimeError, match="fla"):
         run(inputs, backend="fla")
     with pytest.raises(ValueError, match="backend"):
         run(inputs, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        run(inputs, backend="torch_chunked")  # the old names are gone: one vocabulary for every op
+    torch.testing.assert_close(run(inputs, backend="torch")[0], run(inputs)[0])
 
 
 @pytest.mark.parametrize(
@@ -161,8 +167,12 @@ def test_bad_cu_seqlens_and_step_state():
     with pytest.raises(ValueError, match="batch size 1"):
         run(inputs, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32))
     one = make_inputs(batch=1, seqlen=10)
-    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0, never decrease and end at T=10"):
         run(one, cu_seqlens=torch.tensor([0, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"never decrease.*\[0, 6, 4, 10\]"):
+        run(one, cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="1-D int32"):
+        run(one, cu_seqlens=torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="initial_state must be"):
         run(one, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32))
     token = [inputs[n][:, 0] for n in ("q", "k", "v", "g", "beta")]

@@ -80,7 +80,7 @@ def _logits(model) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 def test_exported_code_passes_transformers_import_rules(tmp_path):
     files = export_code()
-    assert {"configuration_m2rnn.py", "modeling_m2rnn.py", "m2rnn_kernels_m2rnn_triton.py"} <= set(files)
+    assert {"configuration_m2rnn.py", "modeling_m2rnn.py", "m2rnn_kernels_m2rnn_forward.py"} <= set(files)
     for name, source in files.items():
         (tmp_path / name).write_text(source)
     allowed = set(sys.stdlib_module_names) | {"torch", "transformers"}
@@ -89,7 +89,8 @@ def test_exported_code_passes_transformers_import_rules(tmp_path):
         assert set(dynamic_module_utils.get_imports(tmp_path / name)) <= allowed, name
         for sibling in dynamic_module_utils.get_relative_imports(tmp_path / name):
             assert (tmp_path / f"{sibling}.py").is_file(), f"{name} imports .{sibling}, which is not exported"
-    assert "try:" in files["m2rnn_kernels_m2rnn_triton.py"].split("import triton\n")[0][-200:]
+    for name in ("m2rnn_kernels_m2rnn_forward.py", "m2rnn_kernels_m2rnn_backward.py", "m2rnn_kernels_m2rnn_decode.py"):
+        assert "try:" in files[name].split("import triton\n")[0][-200:], name
 
 
 def test_exported_triton_kernels_import_when_triton_is_present(tmp_path, monkeypatch):
@@ -100,8 +101,8 @@ def test_exported_triton_kernels_import_when_triton_is_present(tmp_path, monkeyp
     for name, source in export_code().items():
         (package / name).write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
-    dispatcher = importlib.import_module("flat_m2rnn_export.m2rnn_kernels_m2rnn")
-    assert dispatcher.m2rnn_recurrence_triton.__module__ == "flat_m2rnn_export.m2rnn_kernels_m2rnn_triton"
+    dispatcher = importlib.import_module("flat_m2rnn_export.m2rnn_kernels_m2rnn_op")
+    assert dispatcher.m2rnn_recurrence_triton.__module__ == "flat_m2rnn_export.m2rnn_kernels_m2rnn_autograd"
 
 
 @pytest.mark.parametrize(

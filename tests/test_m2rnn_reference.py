@@ -141,3 +141,77 @@ def test_unknown_backend_is_refused():
     x = {k: t.detach() for k, t in make_inputs(dtype=torch.float32).items()}
     with pytest.raises(ValueError, match="unknown backend='cuda'"):
         m2rnn_recurrence(**x, backend="cuda")
+
+
+def packed_inputs(tokens=10):
+    return {k: t.detach().float() for k, t in make_inputs(b=1, s=tokens, packed=True).items()} | {"initial_state": None}
+
+
+@pytest.mark.parametrize("bounds", [[2, 4, 10], [0, 6, 4, 10], [-3, 4, 10], [0, 4, 9], [0, 4, 11]])
+def test_cu_seqlens_values_are_refused(bounds):
+    """Wrong starts, decreasing boundaries or a wrong total used to return wrong row counts silently."""
+    x = packed_inputs()
+    with pytest.raises(ValueError, match=r"cu_seqlens must start at 0, never decrease and end at T=10"):
+        m2rnn_recurrence(**x, cu_seqlens=torch.tensor(bounds, dtype=torch.int32), backend="torch")
+
+
+@pytest.mark.parametrize(
+    "cu_seqlens, message",
+    [
+        (torch.tensor([0, 4, 10]), "1-D int32"),
+        (torch.tensor([[0, 4, 10]], dtype=torch.int32), "1-D int32"),
+        (torch.tensor([0], dtype=torch.int32), "1-D int32"),
+        (torch.tensor([0, 4, 10], dtype=torch.int32, device="meta"), "cu_seqlens is on meta"),
+    ],
+)
+def test_cu_seqlens_layout_is_refused(cu_seqlens, message):
+    with pytest.raises(ValueError, match=message):
+        m2rnn_recurrence(**packed_inputs(), cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("clip", [-1, 0, 0.0, float("nan"), float("inf"), "1", True])
+def test_gradient_clipping_must_be_none_or_positive(clip):
+    x = {k: t.detach() for k, t in make_inputs(dtype=torch.float32).items()}
+    with pytest.raises(ValueError, match=f"gradient_clipping must be None.*got {clip!r}"):
+        m2rnn_recurrence(**x, gradient_clipping=clip)
+
+
+@pytest.mark.parametrize("value", [-1e-6, -0.2, 1.5, float("inf"), float("nan")])
+def test_forget_gates_outside_unit_interval_are_refused(value):
+    x = {k: t.detach() for k, t in make_inputs(dtype=torch.float32).items()}
+    x["forget"][1, 3, 2] = value
+    with pytest.raises(ValueError, match=r"forget gates must lie in \[0, 1\], got 1 outside"):
+        m2rnn_recurrence(**x)
+
+
+def test_forget_gates_of_zero_and_one_are_accepted_and_value_checks_can_be_skipped(monkeypatch):
+    """f = 1 keeps the state (padding does that), f = 0 is the model gate's float32 underflow;
+    M2RNN_SKIP_VALUE_CHECKS=1 trusts the values (documented)."""
+    x = {k: t.detach() for k, t in make_inputs(dtype=torch.float32).items()}
+    x["forget"][:, 2] = 1.0
+    x["forget"][:, 3] = 0.0
+    m2rnn_recurrence(**x)
+    x["forget"][0, 0, 0] = 2.0
+    monkeypatch.setenv("M2RNN_SKIP_VALUE_CHECKS", "1")
+    m2rnn_recurrence(**x)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(checkpoint_interval=0), "checkpoint_interval must be >= 1"),
+        (dict(block_k=48), "block_k must be None, 16, 32 or 64"),
+        (dict(backward_pass_rows=100), "backward_pass_rows must be a power of 2"),
+        (dict(backward_pass_steps=0), "backward_pass_steps must be None or >= 1"),
+        (dict(loop_unroll=0), "loop_unroll must be >= 1"),
+    ],
+)
+def test_triton_launch_config_refuses_bad_fields(fields, message):
+    """The launch knobs are a frozen dataclass passed in (no module globals); bad values are named at construction."""
+    from m2rnn.kernels import M2RNNTritonConfig
+
+    with pytest.raises(ValueError, match=message):
+        M2RNNTritonConfig(**fields)
+    config = M2RNNTritonConfig()
+    with pytest.raises(AttributeError):
+        config.block_k = 32

@@ -8,6 +8,8 @@ need CUDA: bf16 at real shapes, more than 2³² state elements in one call, and 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,19 +18,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from m2rnn.kernels import m2rnn_triton  # noqa: E402
-from m2rnn.kernels.m2rnn_torch import m2rnn_decode_step_torch, m2rnn_recurrence_torch  # noqa: E402
-from m2rnn.kernels.m2rnn_triton import m2rnn_decode_step_triton, m2rnn_recurrence_triton  # noqa: E402
+from m2rnn.kernels import M2RNNTritonConfig, m2rnn_decode_step_torch, m2rnn_recurrence_torch  # noqa: E402
+from m2rnn.kernels.m2rnn import autograd, op  # noqa: E402
+from m2rnn.kernels.m2rnn.decode import m2rnn_decode_step_triton  # noqa: E402
+from m2rnn.kernels.m2rnn.triton_common import checkpoints_shape  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 NAMES = ("q", "k", "v", "weight", "forget", "initial_state")
 
 
-@pytest.fixture(autouse=True)
-def short_checkpoints(monkeypatch):
-    """Checkpoint every 8 steps so that short sequences cross several chunks and end mid-chunk."""
-    monkeypatch.setattr(m2rnn_triton, "CHECKPOINT_INTERVAL", 8)
+# Checkpoint every 8 steps so that short sequences cross several chunks and end mid-chunk.
+SHORT = M2RNNTritonConfig(checkpoint_interval=8)
+REAL = M2RNNTritonConfig()
+
+
+def m2rnn_recurrence_triton(*args, config=SHORT, **kwargs):
+    return autograd.m2rnn_recurrence_triton(*args, config=config, **kwargs)
 
 
 def make_inputs(batch, seqlen, heads, key_dim, value_dim, groups=None, dtype=torch.float32, seed=0, packed=False,
@@ -107,14 +113,35 @@ def test_matches_reference_fp32(grouping, clip):
         assert rel(unclipped[2][1], want[2][1]) > 1e-2
 
 
+BACKWARD_CONFIGS = {
+    # 2 steps per parallel pass: 4 passes per chunk of 8, the last chunk (3 steps) ends mid-pass
+    "chain, 2-step passes": M2RNNTritonConfig(checkpoint_interval=8, chain_backward=True, backward_pass_rows=32),
+    # 32-row blocks (K = 32 in one block), 4 steps per pass
+    "chain, 32-row block": M2RNNTritonConfig(checkpoint_interval=8, chain_backward=True, block_k=32,
+                                             backward_pass_rows=128),
+    # passes of 3 steps walked, then cut into 2-step tiles (the last tile of each pass half empty)
+    "chain, 3-step passes of 2-step tiles": M2RNNTritonConfig(checkpoint_interval=8, chain_backward=True,
+                                                              backward_pass_rows=32, backward_pass_steps=3),
+    "step by step": M2RNNTritonConfig(checkpoint_interval=8),
+}
+
+
+@pytest.mark.parametrize("name", list(BACKWARD_CONFIGS))
+def test_backward_variants_match_reference(name):
+    """Both backward kernels, with passes that split chunks and end mid-pass, against the float64 reference."""
+    inputs = make_inputs(2, 19, 4, 32, 8, GROUPINGS["mixed"])
+    want = reference(inputs, gradient_clipping=0.05)
+    got = run(m2rnn_recurrence_triton, inputs, gradient_clipping=0.05, config=BACKWARD_CONFIGS[name])
+    assert_close(got, want, 1e-4, name)
+
+
 @pytest.mark.parametrize("half_state_dot", [False, True])
 @pytest.mark.parametrize("unroll", [1, 2])
-def test_matches_reference_fp16(half_state_dot, unroll, monkeypatch):
-    monkeypatch.setattr(m2rnn_triton, "HALF_PRECISION_STATE_DOT", half_state_dot)
-    monkeypatch.setattr(m2rnn_triton, "LOOP_UNROLL", unroll)
+def test_matches_reference_fp16(half_state_dot, unroll):
+    config = M2RNNTritonConfig(checkpoint_interval=8, half_precision_state_dot=half_state_dot, loop_unroll=unroll)
     inputs = make_inputs(2, 13, 4, 16, 16, GROUPINGS["shared_qk"], dtype=torch.float16)
     inputs[-1] = inputs[-1].half()
-    assert_close(run(m2rnn_recurrence_triton, inputs, gradient_clipping=0.05),
+    assert_close(run(m2rnn_recurrence_triton, inputs, gradient_clipping=0.05, config=config),
                  reference(inputs, gradient_clipping=0.05), 2e-2, "fp16")
 
 
@@ -126,16 +153,32 @@ def test_exported_forward_backward_pair_equals_autograd(with_h0):
     if not with_h0:
         inputs[-1] = None
     y, ht, grads = run(m2rnn_recurrence_triton, inputs, gradient_clipping=0.05)
-    y2, ht2, checkpoints = m2rnn_triton.m2rnn_recurrence_triton_forward(*inputs)
-    assert checkpoints.shape == m2rnn_triton.checkpoints_shape(inputs[0], inputs[2], 4, None)
+    y2, ht2, checkpoints = autograd.m2rnn_recurrence_triton_forward(*inputs, config=SHORT)
+    assert checkpoints.shape == checkpoints_shape(inputs[0], inputs[2], 4, None, 8)
     g = torch.Generator().manual_seed(1)  # the same cotangents as `run`
     dy, dht = torch.randn(y.shape, generator=g).to(y.device), torch.randn(ht.shape, generator=g).to(ht.device)
-    grads2 = m2rnn_triton.m2rnn_recurrence_triton_backward(
-        *inputs, checkpoints, dy, dht, gradient_clipping=0.05
+    grads2 = autograd.m2rnn_recurrence_triton_backward(
+        *inputs, checkpoints, dy, dht, gradient_clipping=0.05, config=SHORT
     )
     assert torch.equal(y, y2) and torch.equal(ht, ht2)
     assert (grads2[5] is None) == (not with_h0)
     for a, b in zip(grads, [x for x in grads2 if x is not None]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_op_equals_eager():
+    """Under torch.compile the op is the registered custom op pair (forward keeping its checkpoints, backward
+    starting from them), with the launch config passed through; outputs and gradients equal the eager path."""
+    inputs = make_inputs(2, 11, 4, 16, 8, GROUPINGS["shared_qk"])
+    config = BACKWARD_CONFIGS["chain, 2-step passes"]
+
+    def fn(*args, **kwargs):
+        return op.m2rnn_recurrence(*args, backend="triton", triton_config=config, **kwargs)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    eager = run(fn, inputs, gradient_clipping=0.05)
+    got = run(compiled, inputs, gradient_clipping=0.05)
+    for a, b in zip((eager[0], eager[1], *eager[2]), (got[0], got[1], *got[2])):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -150,7 +193,9 @@ def test_packed_sequences():
     inputs = make_inputs(1, sum(lengths), 4, 32, 16, GROUPINGS["mixed"], packed=True)
     inputs[-1] = (torch.randn(len(lengths), 4, 32, 16) * 0.3).to(DEVICE)
     want = reference(inputs, cu_seqlens=cu_seqlens, gradient_clipping=0.05)
-    got = run(m2rnn_recurrence_triton, inputs, cu_seqlens=cu_seqlens, gradient_clipping=0.05)
+    # through the public op: cu_seqlens validated, the launch config passed down
+    got = run(op.m2rnn_recurrence, inputs, cu_seqlens=cu_seqlens, gradient_clipping=0.05, backend="triton",
+              triton_config=SHORT)
     assert_close(got, want, 1e-4, "packed")
     # nothing leaks across boundaries: the empty sequence returns its initial state untouched
     torch.testing.assert_close(got[1][2], inputs[-1][2])
@@ -200,6 +245,61 @@ def test_rejects_large_head_dims(key_dim, value_dim, bad):
         m2rnn_decode_step_triton(*(x[:, 0] for x in inputs[:3]), inputs[3], inputs[4][:, 0], inputs[5])
 
 
+_BAD_CU_SEQLENS_SCRIPT = """
+import torch
+from m2rnn.kernels import m2rnn_recurrence
+torch.manual_seed(0)
+tokens, heads, key_dim, value_dim = 10, 2, 16, 16
+q, k = torch.randn(tokens, heads, key_dim), torch.randn(tokens, heads, key_dim)
+v, weight = torch.randn(tokens, heads, value_dim), torch.randn(heads, value_dim, value_dim)
+forget = torch.rand(tokens, heads) * 0.5 + 0.25
+for bounds in ([2, 4, 10], [0, 6, 4, 10], [-3, 4, 10], [0, 4, 1000], [0, 4, 9]):
+    try:
+        y, state = m2rnn_recurrence(q, k, v, weight, forget, cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+                                    backend="triton")
+        print("accepted", bounds, tuple(y.shape), float(y.abs().max()), flush=True)
+    except ValueError as error:
+        print("refused", bounds, error, flush=True)
+"""
+
+
+def test_bad_cu_seqlens_are_refused_before_the_triton_kernel_runs():
+    """Run in a subprocess under the interpreter: unchecked, these boundaries made the kernels read and write out of
+    bounds (an abort would kill the test process) or return uninitialised rows."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", _BAD_CU_SEQLENS_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 5 and all(line.startswith("refused") for line in lines), result.stdout
+    assert all("cu_seqlens must start at 0, never decrease and end at T=10" in line for line in lines)
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+def test_one_step_without_grad_runs_the_decode_kernel(with_state, monkeypatch):
+    """S == 1 with nothing to differentiate goes to the decode kernel (one launch) and equals the reference."""
+    dispatch = op
+    inputs = make_inputs(3, 1, 4, 16, 8, GROUPINGS["mixed"])
+    if not with_state:
+        inputs[-1] = None
+    calls = []
+    decode = dispatch.m2rnn_decode_step_triton
+    monkeypatch.setattr(dispatch, "m2rnn_decode_step_triton", lambda *a: calls.append(1) or decode(*a))
+
+    def sequence_kernel(*args, **kwargs):
+        raise AssertionError("the sequence kernel ran for S == 1")
+
+    monkeypatch.setattr(dispatch, "m2rnn_recurrence_triton", sequence_kernel)
+    with torch.no_grad():
+        y, state = dispatch.m2rnn_recurrence(*inputs, backend="triton")
+        y_ref, state_ref = m2rnn_recurrence_torch(*[x.double() if x is not None else None for x in inputs])
+    assert calls == [1]
+    assert y.shape == y_ref.shape and y.dtype == inputs[0].dtype and state.dtype == torch.float32
+    assert rel(y, y_ref) < 1e-5 and rel(state, state_ref) < 1e-5
+    if with_state:
+        assert not torch.equal(state, inputs[-1])  # a new tensor: the caller's initial state is left alone
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU only
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,29 +308,42 @@ def test_rejects_large_head_dims(key_dim, value_dim, bad):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("clip", [None, 1.0])
-@pytest.mark.parametrize("half_state_dot", [False, True])
-def test_bf16_real_shape(clip, half_state_dot, monkeypatch):
-    monkeypatch.setattr(m2rnn_triton, "CHECKPOINT_INTERVAL", 64)
-    monkeypatch.setattr(m2rnn_triton, "HALF_PRECISION_STATE_DOT", half_state_dot)
+@pytest.mark.parametrize("variant", ["chain backward", "step-by-step backward", "fp16 H@W"])
+def test_bf16_real_shape(clip, variant):
+    config = {"chain backward": M2RNNTritonConfig(chain_backward=True), "step-by-step backward": REAL,
+              "fp16 H@W": M2RNNTritonConfig(half_precision_state_dot=True)}[variant]
     # W = 0.3·I + noise has spectral norm < 1: without clipping, a recurrence that is not contractive amplifies
     # the rounding of any two correct implementations over 1000 steps (seen on the H100: 50% apart in dk).
     inputs = make_inputs(2, 1000, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16, w_diagonal=0.3)
     want = run(m2rnn_recurrence_torch, [x.float() for x in inputs], gradient_clipping=clip)
-    got = run(m2rnn_recurrence_triton, inputs, gradient_clipping=clip)
+    got = run(m2rnn_recurrence_triton, inputs, gradient_clipping=clip, config=config)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     assert_close(got, want, 3e-2, "bf16")
 
 
 @pytest.mark.gpu
 @gpu
-def test_more_than_2_pow_32_state_elements(monkeypatch):
+def test_bf16_packed_real_shape():
+    """Packed documents (one empty, one of a single token) at the paper's head layout, through the public op."""
+    lengths = [700, 1, 0, 300]
+    cu_seqlens = torch.tensor([0, 700, 701, 701, 1001], dtype=torch.int32, device=DEVICE)
+    inputs = make_inputs(1, sum(lengths), 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16, packed=True,
+                         w_diagonal=0.3)
+    inputs[-1] = (torch.randn(len(lengths), 84, 64, 16) * 0.3).to(DEVICE)
+    want = run(m2rnn_recurrence_torch, [x.float() for x in inputs], cu_seqlens=cu_seqlens, gradient_clipping=1.0)
+    got = run(op.m2rnn_recurrence, inputs, cu_seqlens=cu_seqlens, gradient_clipping=1.0, backend="triton")
+    assert_close(got, want, 3e-2, "bf16 packed")
+
+
+@pytest.mark.gpu
+@gpu
+def test_more_than_2_pow_32_state_elements():
     """16·4096·84·64·16 = 5.8e9 state elements in one call, checked against its two halves."""
-    monkeypatch.setattr(m2rnn_triton, "CHECKPOINT_INTERVAL", 64)
     inputs = make_inputs(16, 4096, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16)
     upper = [x if i == 3 else x[8:] for i, x in enumerate(inputs)]  # weight is shared, the rest is per sequence
     with torch.no_grad():
-        y, ht = m2rnn_recurrence_triton(*inputs)
-        y_upper, ht_upper = m2rnn_recurrence_triton(*upper)
+        y, ht = m2rnn_recurrence_triton(*inputs, config=REAL)
+        y_upper, ht_upper = m2rnn_recurrence_triton(*upper, config=REAL)
     # (the two calls may autotune to different warp counts, which reorders the readout's row sum)
     assert rel(y[8:], y_upper) < 1e-2 and rel(ht[8:], ht_upper) < 1e-5
     # a loss on the upper half only: its gradients live at the offsets above 2³²
@@ -238,19 +351,18 @@ def test_more_than_2_pow_32_state_elements(monkeypatch):
     dy[:8] = 0
     full = [x.detach().clone().requires_grad_() for x in inputs]
     part = [x.detach().clone().requires_grad_() for x in upper]
-    grads_full = torch.autograd.grad((m2rnn_recurrence_triton(*full)[0].float() * dy).sum(), full)
-    grads_part = torch.autograd.grad((m2rnn_recurrence_triton(*part)[0].float() * dy[8:]).sum(), part)
+    grads_full = torch.autograd.grad((m2rnn_recurrence_triton(*full, config=REAL)[0].float() * dy).sum(), full)
+    grads_part = torch.autograd.grad((m2rnn_recurrence_triton(*part, config=REAL)[0].float() * dy[8:]).sum(), part)
     for i, (a, b) in enumerate(zip(grads_full, grads_part)):
         assert rel(a if i == 3 else a[8:], b) < 1e-3, f"d{NAMES[i]}: {rel(a if i == 3 else a[8:], b)}"
 
 
 @pytest.mark.gpu
 @gpu
-def test_long_sequence_stable(monkeypatch):
-    monkeypatch.setattr(m2rnn_triton, "CHECKPOINT_INTERVAL", 64)
+def test_long_sequence_stable():
     inputs = make_inputs(1, 65536, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16, w_diagonal=0.3)
-    y, ht, grads = run(m2rnn_recurrence_triton, inputs, gradient_clipping=1.0)
-    y32, ht32, grads32 = run(m2rnn_recurrence_triton, [x.float() for x in inputs], gradient_clipping=1.0)
+    y, ht, grads = run(m2rnn_recurrence_triton, inputs, gradient_clipping=1.0, config=REAL)
+    y32, ht32, grads32 = run(m2rnn_recurrence_triton, [x.float() for x in inputs], gradient_clipping=1.0, config=REAL)
     for name, x in [("y", y), ("final_state", ht), *zip(NAMES, grads)]:
         assert torch.isfinite(x).all(), name
     drift = {"y": rel(y, y32), "final_state": rel(ht, ht32), **{f"d{n}": rel(a, b) for n, a, b in zip(NAMES, grads, grads32)}}

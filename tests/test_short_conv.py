@@ -82,7 +82,7 @@ def test_errors_name_the_argument():
         causal_conv1d(x, torch.randn(6, 4), activation="relu")
     with pytest.raises(ValueError, match="batch size 1"):
         causal_conv1d(x, torch.randn(6, 4), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
-    with pytest.raises(ValueError, match="cu_seqlens must run"):
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0, never decrease and end at T=5"):
         causal_conv1d(x[:1], torch.randn(6, 4), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="conv_state must be"):
         causal_conv1d_step(x[..., 0], torch.zeros(2, 6, 3), torch.randn(6, 4))
@@ -90,3 +90,11 @@ def test_errors_name_the_argument():
         causal_conv1d(x, torch.randn(6, 4), backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         causal_conv1d(x, torch.randn(6, 4), backend="triton")
+
+
+@pytest.mark.parametrize("bounds", [[0, 4, 2, 5], [0, 6, -1, 5], [2, 3, 5], [0, 3, 6]])
+def test_cu_seqlens_must_start_at_zero_increase_and_end_at_t(bounds):
+    """[0, 4, 2, 5] runs 0..T but goes back: the packed conv would give the taps of a negative-length document."""
+    x = torch.randn(1, 6, 5)
+    with pytest.raises(ValueError, match=r"never decrease and end at T=5, got \[" + ", ".join(map(str, bounds))):
+        causal_conv1d(x, torch.randn(6, 4), cu_seqlens=torch.tensor(bounds, dtype=torch.int32))

@@ -1,6 +1,9 @@
-"""Shape checks and head grouping shared by every backend of the M2RNN recurrence."""
+"""Input checks and head grouping shared by the ops and their backends."""
 
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 
@@ -56,3 +59,62 @@ def check_recurrence_inputs(
         if tuple(initial_state.shape) != expected:
             raise ValueError(f"m2rnn_recurrence: initial_state must be {expected}, got {tuple(initial_state.shape)}")
     return heads
+
+
+def _value_checks_enabled(*tensors: torch.Tensor) -> bool:
+    """Whether checks that read tensor values may run: not while torch.compile traces or a CUDA graph is captured
+    (they would need a host sync there), and not with ``M2RNN_SKIP_VALUE_CHECKS=1`` (throughput runs that trust
+    their inputs). On CPU they cost nothing; on CUDA they cost one host sync per call."""
+    if torch.compiler.is_compiling() or os.environ.get("M2RNN_SKIP_VALUE_CHECKS") == "1":
+        return False
+    on_cuda = any(x.is_cuda for x in tensors)
+    return not (on_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device, op: str) -> None:
+    """Refuse packed-sequence boundaries the kernels would read out of bounds with or silently misread.
+
+    `cu_seqlens` must be a 1-D int32 tensor of at least two values on the inputs' device that starts at 0, never
+    decreases and ends at the token count `total`. The values are checked where `_value_checks_enabled`.
+    """
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"{op}: cu_seqlens must be a 1-D int32 tensor of N+1 sequence boundaries, "
+            f"got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != torch.device(device):
+        raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device}, the inputs on {device}; move it there")
+    if not _value_checks_enabled(cu_seqlens):
+        return
+    steps = cu_seqlens[1:] - cu_seqlens[:-1]
+    bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != total) | (steps < 0).any()
+    if bad.item():
+        values = cu_seqlens.tolist()
+        shown = values if len(values) <= 16 else values[:8] + ["..."] + values[-8:]
+        raise ValueError(f"{op}: cu_seqlens must start at 0, never decrease and end at T={total}, got {shown}")
+
+
+def check_gradient_clipping(gradient_clipping: float | None, op: str) -> None:
+    """None (no clipping) or a finite number > 0: the bound of the carried gradient."""
+    if gradient_clipping is None:
+        return
+    if isinstance(gradient_clipping, bool) or not isinstance(gradient_clipping, (int, float)):
+        raise ValueError(f"{op}: gradient_clipping must be None or a number > 0, got {gradient_clipping!r}")
+    if not math.isfinite(gradient_clipping) or gradient_clipping <= 0:
+        raise ValueError(
+            f"{op}: gradient_clipping must be None (no clipping) or a finite number > 0, got {gradient_clipping!r}"
+        )
+
+
+def check_forget_gates(forget: torch.Tensor, op: str) -> None:
+    """Forget gates must lie in [0, 1] (NaN refused too); checked where `_value_checks_enabled`.
+
+    0 is allowed: the model's gate exp(-a·softplus(x)) underflows to exactly 0 in float32 for large inputs, and the
+    recurrence is well defined there (H_t = Z_t; nothing divides by f)."""
+    if forget.numel() == 0 or not _value_checks_enabled(forget):
+        return
+    outside = ~((forget >= 0) & (forget <= 1))
+    if outside.any().item():
+        first = forget[outside].flatten()[0].item()
+        count = int(outside.sum().item())
+        raise ValueError(f"{op}: forget gates must lie in [0, 1], got {count} outside (e.g. {first!r})")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import expand_heads, check_recurrence_inputs
+from ..utils import check_recurrence_inputs, expand_heads
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:

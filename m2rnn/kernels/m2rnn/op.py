@@ -1,27 +1,33 @@
-"""The dispatch point of the M2RNN recurrence: `m2rnn_recurrence` picks a backend and calls it.
+"""The M2RNN recurrence op: `m2rnn_recurrence` / `m2rnn_decode_step` validate the inputs, pick a backend and run it.
+
+Backends: ``"torch"`` (`reference.py`, any device) and ``"triton"`` (`forward.py`, `backward.py`, `decode.py`;
+CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``).
 
 While `torch.compile` traces, the Triton backend is called through `torch.library` custom ops (`m2rnn::*`,
-registered below around the forward/backward pair `m2rnn_triton` exports, which share the float32 checkpoints as
-the eager autograd path does), so that dynamo sees opaque ops with fake (shape-only) implementations instead of
+registered below around the forward/backward pair of `autograd.py`, which share the float32 checkpoints as the
+eager autograd path does), so that dynamo sees opaque ops with fake (shape-only) implementations instead of
 tracing the launch code; eager calls go straight to the kernels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
-from .m2rnn_torch import m2rnn_decode_step_torch, m2rnn_recurrence_torch
+from ..utils import check_cu_seqlens, check_forget_gates, check_gradient_clipping, check_recurrence_inputs
+from .config import DEFAULT_CONFIG, M2RNNTritonConfig
+from .reference import m2rnn_decode_step_torch, m2rnn_recurrence_torch
 
 try:  # triton is optional: the CPU wheel of torch does not bring it
-    from .m2rnn_triton import (
-        checkpoints_shape,
-        m2rnn_decode_step_triton,
+    from .autograd import (
         m2rnn_recurrence_triton,
         m2rnn_recurrence_triton_backward,
         m2rnn_recurrence_triton_forward,
     )
+    from .decode import m2rnn_decode_step_triton
+    from .triton_common import checkpoints_shape
 except ImportError:  # pragma: no cover - depends on the environment
     m2rnn_recurrence_triton = m2rnn_decode_step_triton = None
 
@@ -45,27 +51,64 @@ def m2rnn_recurrence(
     cu_seqlens: torch.Tensor | None = None,
     gradient_clipping: float | None = None,
     backend: str | None = None,
+    triton_config: M2RNNTritonConfig = DEFAULT_CONFIG,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M2RNN recurrence ``Z = tanh(H W + k vᵀ)``, ``H = f H + (1 - f) Z``, ``y = qᵀ H`` per head and step.
 
     Args:
         q, k: ``(B, S, Nq|Nk, K)`` (or ``(T, ·, K)`` with `cu_seqlens`).
-        v: ``(B, S, Nv, V)``. weight: ``(Nw, V, V)``. forget: ``(B, S, Nf)`` with values in (0, 1].
+        v: ``(B, S, Nv, V)``. weight: ``(Nw, V, V)``. forget: ``(B, S, Nf)`` with values in [0, 1].
         initial_state: ``(B, N, K, V)``, one per sequence; zeros when None.
-        cu_seqlens: int32 boundaries of packed sequences, starting at 0.
-        gradient_clipping: clamp the recurrent carry ∂L/∂H_t to [-c, c] in the backward pass.
+        cu_seqlens: 1-D int32 boundaries of packed sequences on the inputs' device: 0, ..., T, never decreasing.
+        gradient_clipping: clamp the recurrent carry ∂L/∂H_t to [-c, c] in the backward pass; None or c > 0.
         backend: ``"torch"``, ``"triton"`` or None for the best available on the inputs' device.
+        triton_config: launch knobs of the Triton kernels (`M2RNNTritonConfig`); the default suits training.
 
     Returns:
         ``y`` ``(B, S, N, V)`` in the input dtype and the final state ``(B, N, K, V)`` in float32.
+
+    The values of `cu_seqlens` and `forget` are checked here, once, except while torch.compile traces, while a
+    CUDA graph is captured, or with ``M2RNN_SKIP_VALUE_CHECKS=1`` (on CUDA the check costs a host sync). With
+    the Triton backend, S == 1 without gradients runs the decode kernel and, like `m2rnn_decode_step`, skips the
+    forget-gate value check (no host sync on a decode path).
     """
-    if _resolve_backend(backend, q.device, "m2rnn_recurrence") == "triton":
+    op = "m2rnn_recurrence"
+    check_recurrence_inputs(q, k, v, weight, forget, initial_state, cu_seqlens)
+    check_gradient_clipping(gradient_clipping, op)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q.shape[0], q.device, op)
+    if _resolve_backend(backend, q.device, op) == "triton":
         if torch.compiler.is_compiling():
-            return _recurrence_op(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping)
-        fn = m2rnn_recurrence_triton
+            return _recurrence_op(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping,
+                                  triton_config)
+        if _is_one_step_without_grad(q, k, v, weight, forget, initial_state, cu_seqlens):
+            return _one_step(q, k, v, weight, forget, initial_state)  # decode-like: no host sync for checks
+        check_forget_gates(forget, op)
+        return m2rnn_recurrence_triton(q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens,
+                                       gradient_clipping=gradient_clipping, config=triton_config)
+    check_forget_gates(forget, op)
+    return m2rnn_recurrence_torch(q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens,
+                                  gradient_clipping=gradient_clipping)
+
+
+def _is_one_step_without_grad(q, k, v, weight, forget, initial_state, cu_seqlens) -> bool:
+    """A single token per sequence with nothing to differentiate: the decode kernel's job (one launch, no
+    checkpoints, no layout work)."""
+    if cu_seqlens is not None or q.shape[1] != 1:
+        return False
+    tensors = (q, k, v, weight, forget, initial_state)
+    return not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors))
+
+
+def _one_step(q, k, v, weight, forget, initial_state):
+    """`m2rnn_recurrence` for S == 1 through the decode kernel, on a float32 copy of the state."""
+    heads = _num_heads(q, k, v, weight, forget)
+    if initial_state is None:
+        state = q.new_zeros(q.shape[0], heads, q.shape[-1], v.shape[-1], dtype=torch.float32)
     else:
-        fn = m2rnn_recurrence_torch
-    return fn(q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens, gradient_clipping=gradient_clipping)
+        state = initial_state.to(torch.float32, copy=True).contiguous()
+    y = m2rnn_decode_step_triton(q[:, 0], k[:, 0], v[:, 0], weight, forget[:, 0], state)
+    return y.unsqueeze(1).to(q.dtype), state
 
 
 def m2rnn_decode_step(
@@ -110,11 +153,22 @@ def _num_heads(q, k, v, weight, forget) -> int:
     return max(q.shape[-2], k.shape[-2], v.shape[-2], forget.shape[-1], weight.shape[0])
 
 
-def _recurrence_op(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping):
+def _config_fields(config: M2RNNTritonConfig) -> list[int]:
+    """The config as the int list a custom op can take (block_k None as 0, booleans as 0/1)."""
+    return [int(value or 0) for value in dataclasses.astuple(config)]
+
+
+def _config_from(fields: list[int]) -> M2RNNTritonConfig:
+    types = [field.type for field in dataclasses.fields(M2RNNTritonConfig)]
+    values = [bool(x) if kind == "bool" else (x or None) if "None" in kind else x for x, kind in zip(fields, types)]
+    return M2RNNTritonConfig(*values)
+
+
+def _recurrence_op(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping, config):
     """The Triton recurrence as custom ops: a forward that also returns its float32 checkpoints (saved for the
     backward, not returned to the caller) and a backward that starts from them, as the eager autograd path does."""
     y, final_state, _ = torch.ops.m2rnn.recurrence_triton(
-        q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping
+        q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping, _config_fields(config)
     )
     return y, final_state
 
@@ -131,18 +185,19 @@ if m2rnn_recurrence_triton is not None:
         initial_state: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
         gradient_clipping: float | None,
+        config: list[int],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return m2rnn_recurrence_triton_forward(
-            q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens
+            q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens, config=_config_from(config)
         )
 
     @_recurrence_triton_op.register_fake
-    def _(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping):
+    def _(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping, config):
         heads = _num_heads(q, k, v, weight, forget)
         batch = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         y = q.new_empty(*q.shape[:-2], heads, v.shape[-1])
         final_state = q.new_empty(batch, heads, q.shape[-1], v.shape[-1], dtype=torch.float32)
-        checkpoints = q.new_empty(checkpoints_shape(q, v, heads, cu_seqlens), dtype=torch.float32)
+        checkpoints = q.new_empty(checkpoints_shape(q, v, heads, cu_seqlens, config[0]), dtype=torch.float32)
         return y, final_state, checkpoints
 
     @torch.library.custom_op("m2rnn::recurrence_triton_backward", mutates_args=())
@@ -155,25 +210,28 @@ if m2rnn_recurrence_triton is not None:
         initial_state: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
         gradient_clipping: float | None,
+        config: list[int],
         checkpoints: torch.Tensor,
         dy: torch.Tensor,
         d_final_state: torch.Tensor,
     ) -> list[torch.Tensor]:
         *grads, dh0 = m2rnn_recurrence_triton_backward(
             q, k, v, weight, forget, initial_state, checkpoints, dy, d_final_state, cu_seqlens=cu_seqlens,
-            gradient_clipping=gradient_clipping,
+            gradient_clipping=gradient_clipping, config=_config_from(config),
         )
         return grads + [dh0 if dh0 is not None else q.new_empty(0)]
 
     @_recurrence_triton_backward_op.register_fake
-    def _(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping, checkpoints, dy, d_final_state):
+    def _(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping, config, checkpoints, dy,
+          d_final_state):
         h0_grad = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
         return [torch.empty_like(x) for x in (q, k, v, weight, forget)] + [h0_grad]
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping = inputs
+        q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping, config = inputs
         ctx.save_for_backward(q, k, v, weight, forget, initial_state, cu_seqlens, output[2])
         ctx.gradient_clipping = gradient_clipping
+        ctx.config = config
 
     def _backward(ctx, dy, d_final_state, _d_checkpoints):
         q, k, v, weight, forget, initial_state, cu_seqlens, checkpoints = ctx.saved_tensors
@@ -185,9 +243,10 @@ if m2rnn_recurrence_triton is not None:
             dy = torch.zeros(*q.shape[:-2], _num_heads(q, k, v, weight, forget), v.shape[-1], dtype=q.dtype,
                              device=q.device)
         dq, dk, dv, dw, df, dh0 = torch.ops.m2rnn.recurrence_triton_backward(
-            q, k, v, weight, forget, initial_state, cu_seqlens, ctx.gradient_clipping, checkpoints, dy, d_final_state
+            q, k, v, weight, forget, initial_state, cu_seqlens, ctx.gradient_clipping, ctx.config, checkpoints, dy,
+            d_final_state,
         )
-        return dq, dk, dv, dw, df, (dh0 if initial_state is not None else None), None, None
+        return dq, dk, dv, dw, df, (dh0 if initial_state is not None else None), None, None, None
 
     _recurrence_triton_op.register_autograd(_backward, setup_context=_setup_context)
 

@@ -1,6 +1,7 @@
-"""Depthwise causal conv1d: the short convolution in front of the recurrent mixers (GDN, M2RNN).
+"""The depthwise causal conv1d op: the short convolution in front of the recurrent mixers (GDN, M2RNN).
 
-Two entry points, each with a pure-torch implementation and the Dao-AILab ``causal_conv1d`` CUDA kernels as the
+Backends: ``"torch"`` (`reference.py`) and ``"cuda"`` (the Dao-AILab ``causal_conv1d`` package). Two entry
+points, each with the torch reference and the Dao-AILab ``causal_conv1d`` CUDA kernels as the
 fast path when that package imports and the inputs are on CUDA:
 
 - `causal_conv1d` for a whole sequence (prefill and training), optionally over packed sequences (`cu_seqlens`)
@@ -16,7 +17,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
+
+from ..utils import check_cu_seqlens
+from .reference import _position_in_sequence, causal_conv1d_step_torch, causal_conv1d_torch
 
 BACKENDS = ("torch", "cuda")
 _PACKAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,37 +74,6 @@ def _resolve_backend(backend: str | None, unfit_reason: str | None) -> str:
     return backend
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulate in at least float32 (bf16/fp16 inputs are upcast, float64 stays)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _position_in_sequence(cu_seqlens: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence index and position within its sequence for each of `length` packed tokens (no host sync)."""
-    positions = torch.arange(length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    seq_idx = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
-    return seq_idx, positions - cu_seqlens[seq_idx]
-
-
-def _conv_torch(x: torch.Tensor, weight: torch.Tensor, activation: str | None, cu_seqlens: torch.Tensor | None):
-    channels, width = weight.shape
-    length = x.shape[-1]
-    dtype = _compute_dtype(x.dtype)
-    x_c, w = x.to(dtype), weight.to(dtype)
-    if cu_seqlens is None:
-        y = F.conv1d(F.pad(x_c, (width - 1, 0)), w.unsqueeze(1), groups=channels)
-    else:
-        # Tap `lag` reads x[t - lag]; zero it where t is fewer than `lag` tokens into its sequence.
-        _, pos = _position_in_sequence(cu_seqlens, length)
-        y = x_c * w[:, -1:]
-        for lag in range(1, width):
-            shifted = F.pad(x_c, (lag, 0))[..., :length]
-            y = y + shifted * w[:, width - 1 - lag, None] * (pos >= lag).to(dtype)
-    if activation == "silu":
-        y = F.silu(y)
-    return y.to(x.dtype)
-
-
 def _conv_package(x: torch.Tensor, weight: torch.Tensor, activation: str | None, cu_seqlens: torch.Tensor | None):
     conv_fn, _ = _package_ops()
     if cu_seqlens is None:
@@ -127,8 +99,9 @@ def causal_conv1d(
     Args:
         x: ``(B, C, T)``.
         weight: ``(C, Kc)`` (or nn.Conv1d's ``(C, 1, Kc)``); tap ``Kc - 1`` multiplies the current token.
-        cu_seqlens: int32 boundaries of packed sequences (starting at 0, ending at T); B must be 1. The conv
-            restarts at each boundary, so no tap reads across sequences.
+        cu_seqlens: 1-D int32 boundaries of packed sequences (0, ..., T, never decreasing; values checked as in
+            `m2rnn.kernels.utils.check_cu_seqlens`); B must be 1. The conv restarts at each boundary, so no tap
+            reads across sequences.
         backend: ``"torch"``, ``"cuda"`` (the causal-conv1d package) or None for the best that fits.
 
     Returns:
@@ -142,32 +115,13 @@ def causal_conv1d(
     if cu_seqlens is not None:
         if x.shape[0] != 1:
             raise ValueError(f"causal_conv1d: with cu_seqlens, x must have batch size 1, got shape {tuple(x.shape)}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"causal_conv1d: cu_seqlens must be a 1-D int32 tensor of N+1 boundaries, "
-                f"got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
-            )
-        if cu_seqlens.device.type == "cpu" and (int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != x.shape[-1]):
-            raise ValueError(f"causal_conv1d: cu_seqlens must run from 0 to T={x.shape[-1]}, got {cu_seqlens.tolist()}")
+        cu_seqlens = cu_seqlens.to(x.device)
+        check_cu_seqlens(cu_seqlens, x.shape[-1], x.device, "causal_conv1d")
         if unfit is None and x.shape[1] % 8:
             unfit = f"packed sequences need C divisible by 8 (channel-last kernel), got C={x.shape[1]}"
-    cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(x.device)
     if _resolve_backend(backend, unfit) == "cuda":
         return _conv_package(x, weight, activation, cu_seqlens)
-    return _conv_torch(x, weight, activation, cu_seqlens)
-
-
-def _step_torch(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, activation: str | None):
-    width = weight.shape[-1]
-    # Shift left one column at a time: no temporary, and no overlapping copy (which torch refuses).
-    for i in range(width - 1):
-        conv_state[..., i].copy_(conv_state[..., i + 1])
-    conv_state[..., -1].copy_(x)
-    dtype = _compute_dtype(conv_state.dtype)
-    y = torch.einsum("bck,ck->bc", conv_state.to(dtype), weight.to(dtype))
-    if activation == "silu":
-        y = F.silu(y)
-    return y.to(x.dtype)
+    return causal_conv1d_torch(x, weight, activation, cu_seqlens)
 
 
 def causal_conv1d_step(
@@ -206,4 +160,4 @@ def causal_conv1d_step(
         # ones any width >= Kc - 1) and gives the same shift-then-dot semantics as `_step_torch`.
         _, update_fn = _package_ops()
         return update_fn(x, conv_state, weight, None, activation)
-    return _step_torch(x, conv_state, weight, activation)
+    return causal_conv1d_step_torch(x, conv_state, weight, activation)
