@@ -29,6 +29,7 @@ from .configuration_m2rnn import M2RNNConfig
 from .kernels import (
     causal_conv1d,
     causal_conv1d_step,
+    check_cu_seqlens,
     expand_heads,
     gated_delta_rule,
     gated_delta_rule_step,
@@ -119,7 +120,7 @@ def short_convolution(
     columns = x.transpose(1, 2)
     if cache is not None:
         columns = cache.update_conv_state(columns, layer_idx, conv_kernel_size=kernel_size)
-    out = causal_conv1d(columns, weight, cu_seqlens=cu_seqlens)
+    out = causal_conv1d(columns, weight, cu_seqlens=cu_seqlens, check_values=False)  # checked once per forward
     return out[..., -x.shape[1] :].transpose(1, 2)
 
 
@@ -223,14 +224,14 @@ class M2RNNMixer(nn.Module):
         elif cu_seqlens is not None:  # packed documents: (1, T, ...) rows become the op's (T, ...) layout
             y, _ = m2rnn_recurrence(
                 q[0], k[0], v[0], self.state_weight, forget[0], cu_seqlens=cu_seqlens,
-                gradient_clipping=self.gradient_clipping if self.training else None,
+                gradient_clipping=self.gradient_clipping if self.training else None, check_values=False,
             )
             y = y.unsqueeze(0)
         else:
             initial_state = past_key_values.get_recurrent_state(self.layer_idx) if resuming else None
             y, final_state = m2rnn_recurrence(
                 q, k, v, self.state_weight, forget, initial_state,
-                gradient_clipping=self.gradient_clipping if self.training else None,
+                gradient_clipping=self.gradient_clipping if self.training else None, check_values=False,
             )
             if past_key_values is not None:
                 past_key_values.update_recurrent_state(final_state, self.layer_idx)
@@ -309,7 +310,7 @@ class M2RNNGatedDeltaNet(nn.Module):
             o = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state).unsqueeze(1)
         else:
             initial_state = past_key_values.get_recurrent_state(self.layer_idx) if resuming else None
-            o, final_state = gated_delta_rule(q, k, v, g, beta, initial_state, cu_seqlens=cu_seqlens)
+            o, final_state = gated_delta_rule(q, k, v, g, beta, initial_state, cu_seqlens=cu_seqlens, check_values=False)
             if past_key_values is not None:
                 past_key_values.update_recurrent_state(final_state, self.layer_idx)
 
@@ -884,6 +885,8 @@ class M2RNNModel(M2RNNPreTrainedModel):
                     f"M2RNNModel: cu_seq_lens_q describes one packed row, but the batch has {inputs_embeds.shape[0]} rows"
                 )
             cu_seqlens, use_cache, past_key_values = cu_seqlens.to(torch.int32), False, None
+            if "cu_seq_lens_q" in kwargs:  # the layers trust it (no host sync each): checked here, once
+                check_cu_seqlens(cu_seqlens, seq_len, inputs_embeds.device, "M2RNNModel (cu_seq_lens_q)")
             if position_ids is None:  # restarting positions keep RoPE and the attention mask within each document
                 position_ids = _position_ids_from_cu_seqlens(cu_seqlens, seq_len)
 

@@ -15,12 +15,13 @@ from .m2rnn import (
     m2rnn_recurrence_torch,
 )
 from .short_conv import causal_conv1d, causal_conv1d_step
-from .utils import expand_heads
+from .utils import check_cu_seqlens, expand_heads
 
 __all__ = [
     "M2RNNTritonConfig",
     "causal_conv1d",
     "causal_conv1d_step",
+    "check_cu_seqlens",
     "expand_heads",
     "fla_available",
     "gated_delta_rule",

@@ -71,11 +71,13 @@ def _value_checks_enabled(*tensors: torch.Tensor) -> bool:
     return not (on_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device, op: str) -> None:
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device, op: str,
+                     check_values: bool = True) -> None:
     """Refuse packed-sequence boundaries the kernels would read out of bounds with or silently misread.
 
     `cu_seqlens` must be a 1-D int32 tensor of at least two values on the inputs' device that starts at 0, never
-    decreases and ends at the token count `total`. The values are checked where `_value_checks_enabled`.
+    decreases and ends at the token count `total`. The values are checked where `_value_checks_enabled` and
+    `check_values` (a caller that validated them already, like the model once per forward, passes False).
     """
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(
@@ -84,7 +86,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device,
         )
     if cu_seqlens.device != torch.device(device):
         raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device}, the inputs on {device}; move it there")
-    if not _value_checks_enabled(cu_seqlens):
+    if not (check_values and _value_checks_enabled(cu_seqlens)):
         return
     steps = cu_seqlens[1:] - cu_seqlens[:-1]
     bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != total) | (steps < 0).any()
@@ -106,12 +108,12 @@ def check_gradient_clipping(gradient_clipping: float | None, op: str) -> None:
         )
 
 
-def check_forget_gates(forget: torch.Tensor, op: str) -> None:
+def check_forget_gates(forget: torch.Tensor, op: str, check_values: bool = True) -> None:
     """Forget gates must lie in [0, 1] (NaN refused too); checked where `_value_checks_enabled`.
 
     0 is allowed: the model's gate exp(-a·softplus(x)) underflows to exactly 0 in float32 for large inputs, and the
     recurrence is well defined there (H_t = Z_t; nothing divides by f)."""
-    if forget.numel() == 0 or not _value_checks_enabled(forget):
+    if forget.numel() == 0 or not (check_values and _value_checks_enabled(forget)):
         return
     outside = ~((forget >= 0) & (forget <= 1))
     if outside.any().item():

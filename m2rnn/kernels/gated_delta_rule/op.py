@@ -74,6 +74,7 @@ def _check_inputs(
     *,
     op: str,
     state_name: str,
+    check_values: bool = True,
 ) -> None:
     """Validate shapes of token-major inputs ``(B, S, ·)``; errors name the argument and its shape."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -94,7 +95,7 @@ def _check_inputs(
     if cu_seqlens is not None:
         if batch != 1:
             raise ValueError(f"{op}: with cu_seqlens, q must have batch size 1, got shape {tuple(q.shape)}")
-        check_cu_seqlens(cu_seqlens, seqlen, q.device, op)
+        check_cu_seqlens(cu_seqlens, seqlen, q.device, op, check_values)
         num_states = cu_seqlens.numel() - 1
     if state is not None and tuple(state.shape) != (num_states, value_heads, key_dim, value_dim):
         expected = (num_states, value_heads, key_dim, value_dim)
@@ -165,6 +166,7 @@ def gated_delta_rule(
     use_qk_l2norm: bool = True,
     scale: float | None = None,
     backend: str | None = None,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated DeltaNet recurrence over a sequence (prefill and training).
 
@@ -178,12 +180,14 @@ def gated_delta_rule(
         use_qk_l2norm: L2-normalise q and k per head (in fp32) before the recurrence.
         scale: multiplies q after normalisation; default ``DK ** -0.5``.
         backend: ``"torch"``, ``"fla"`` or None (fla on CUDA when it imports and fits, else torch).
+        check_values: read `cu_seqlens` to check its values (a host sync on CUDA); False when already checked.
 
     Returns:
         ``o`` ``(B, S, Hv, DV)`` in v's dtype and the final state ``(N, Hv, DK, DV)`` in float32 (float64 for
         float64 inputs on the torch backends).
     """
-    _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, op="gated_delta_rule", state_name="initial_state")
+    _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, op="gated_delta_rule", state_name="initial_state",
+                  check_values=check_values)
     backend = _select_backend(backend, q, k, v, g, beta, initial_state)
     if scale is None:
         scale = q.shape[-1] ** -0.5

@@ -52,6 +52,7 @@ def m2rnn_recurrence(
     gradient_clipping: float | None = None,
     backend: str | None = None,
     triton_config: M2RNNTritonConfig = DEFAULT_CONFIG,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M2RNN recurrence ``Z = tanh(H W + k vᵀ)``, ``H = f H + (1 - f) Z``, ``y = qᵀ H`` per head and step.
 
@@ -63,6 +64,9 @@ def m2rnn_recurrence(
         gradient_clipping: clamp the recurrent carry ∂L/∂H_t to [-c, c] in the backward pass; None or c > 0.
         backend: ``"torch"``, ``"triton"`` or None for the best available on the inputs' device.
         triton_config: launch knobs of the Triton kernels (`M2RNNTritonConfig`); the default suits training.
+        check_values: read `cu_seqlens` and `forget` to check their values (a host sync on CUDA). Callers that
+            produce valid values themselves (the model: gates from its own activation, boundaries checked once
+            per forward) pass False.
 
     Returns:
         ``y`` ``(B, S, N, V)`` in the input dtype and the final state ``(B, N, K, V)`` in float32.
@@ -76,17 +80,17 @@ def m2rnn_recurrence(
     check_recurrence_inputs(q, k, v, weight, forget, initial_state, cu_seqlens)
     check_gradient_clipping(gradient_clipping, op)
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, q.shape[0], q.device, op)
+        check_cu_seqlens(cu_seqlens, q.shape[0], q.device, op, check_values)
     if _resolve_backend(backend, q.device, op) == "triton":
         if torch.compiler.is_compiling():
             return _recurrence_op(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping,
                                   triton_config)
         if _is_one_step_without_grad(q, k, v, weight, forget, initial_state, cu_seqlens):
             return _one_step(q, k, v, weight, forget, initial_state)  # decode-like: no host sync for checks
-        check_forget_gates(forget, op)
+        check_forget_gates(forget, op, check_values)
         return m2rnn_recurrence_triton(q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens,
                                        gradient_clipping=gradient_clipping, config=triton_config)
-    check_forget_gates(forget, op)
+    check_forget_gates(forget, op, check_values)
     return m2rnn_recurrence_torch(q, k, v, weight, forget, initial_state, cu_seqlens=cu_seqlens,
                                   gradient_clipping=gradient_clipping)
 

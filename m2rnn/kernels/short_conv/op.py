@@ -93,6 +93,7 @@ def causal_conv1d(
     activation: str | None = "silu",
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Depthwise causal conv (left context zero, no bias), then SiLU when ``activation == "silu"``.
 
@@ -103,6 +104,7 @@ def causal_conv1d(
             `m2rnn.kernels.utils.check_cu_seqlens`); B must be 1. The conv restarts at each boundary, so no tap
             reads across sequences.
         backend: ``"torch"``, ``"cuda"`` (the causal-conv1d package) or None for the best that fits.
+        check_values: read `cu_seqlens` to check its values (a host sync on CUDA); False when already checked.
 
     Returns:
         ``(B, C, T)`` in x's dtype. Differentiable on every backend.
@@ -116,7 +118,7 @@ def causal_conv1d(
         if x.shape[0] != 1:
             raise ValueError(f"causal_conv1d: with cu_seqlens, x must have batch size 1, got shape {tuple(x.shape)}")
         cu_seqlens = cu_seqlens.to(x.device)
-        check_cu_seqlens(cu_seqlens, x.shape[-1], x.device, "causal_conv1d")
+        check_cu_seqlens(cu_seqlens, x.shape[-1], x.device, "causal_conv1d", check_values)
         if unfit is None and x.shape[1] % 8:
             unfit = f"packed sequences need C divisible by 8 (channel-last kernel), got C={x.shape[1]}"
     if _resolve_backend(backend, unfit) == "cuda":
