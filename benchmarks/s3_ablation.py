@@ -39,6 +39,9 @@ PAPER = {  # m2rnn-reference.md §6.6 / issue 17: cumulative sequence accuracy %
     "GDN [-1,1] (paper)": {4: 91.6, 8: 21.7, 128: 0.0, 256: 0.0, 384: 0.0, 512: 0.0},
 }
 SEEDS = (1, 2, 3)
+DROP_LABELS = {None: "M2RNN, full recipe", "orthogonal": "M2RNN, recipe but W = I",
+               "no_forget_gate": "M2RNN, recipe but with the forget gate",
+               "input_scale": "M2RNN, recipe but LM in_proj/conv init"}
 
 
 class GRUModel(torch.nn.Module):
@@ -207,11 +210,13 @@ def _mean(values: list[float]) -> float:
 def report(args: argparse.Namespace) -> None:
     folder, into = Path(args.folder), Path(args.into)
     runs = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
+    if not runs and (folder / "results.json").exists():  # an earlier report (runs without their histories)
+        runs = json.loads((folder / "results.json").read_text())["runs"]
     if not runs:
-        raise SystemExit(f"report: no runs/*.json in {folder}")
+        raise SystemExit(f"report: no runs/*.json or results.json in {folder}")
     groups: dict[str, list[dict]] = {}
     for run in runs:
-        label = {"m2rnn": "M2RNN, full recipe" if not run["drop"] else f"M2RNN without {run['drop']}",
+        label = {"m2rnn": DROP_LABELS[run["drop"]],
                  "gdn": "our GDN [-1,1] (3 layers, conv, gates)", "harness_gdn": "harness GDN [-1,1] (1 layer)",
                  "gru": "GRU (1 layer, 128)"}[run["model"]]
         groups.setdefault(label, []).append(run)
@@ -234,6 +239,8 @@ def report(args: argparse.Namespace) -> None:
              for label, group in groups.items()}
     lines.append(s3.results_table(means, train_length=TRAIN_LENGTH))
     lm = [json.loads(p.read_text()) for p in sorted((folder / "lm").glob("*.json"))] if (folder / "lm").exists() else []
+    if not lm and (folder / "results.json").exists():
+        lm = json.loads((folder / "results.json").read_text()).get("lm", [])
     if lm:
         lines += ["", "| LM run (byte-level, all-M2RNN) | parameters | steps | val loss (nats/byte) | bits/byte |",
                   "|---|---|---|---|---|"]
@@ -241,10 +248,13 @@ def report(args: argparse.Namespace) -> None:
                   f"{r['final_val_loss']:.4f} | {r['final_val_loss'] / math.log(2):.3f} |" for r in lm]
     into.mkdir(parents=True, exist_ok=True)
     (into / "results.md").write_text("\n".join(lines) + "\n")
-    best = {label: max(group, key=lambda r: r["paper_way"]["512"]["sequence_accuracy"]) for label, group in groups.items()}
-    plotted = {f"{label} (best seed)" if len(groups[label]) > 1 else label:
-               {int(n): r for n, r in run["paper_way"].items()} for label, run in best.items()}
-    s3.plot_s3(plotted, into / "s3_accuracy.png", train_length=TRAIN_LENGTH)
+    plotted = {}
+    for label, group in groups.items():  # the mean over seeds of the paper-way curves
+        name = f"{label} (mean of {len(group)} seeds)" if len(group) > 1 else label
+        plotted[name] = {n: {"sequence_accuracy": _mean([r["paper_way"][str(n)]["sequence_accuracy"] for r in group])}
+                         for n in show}
+    s3.plot_s3(plotted, into / "s3_accuracy.png", train_length=TRAIN_LENGTH, per_token=False,
+               title="S3, trained at 128: cumulative sequence accuracy (1,000 sequences of 512)")
     summary = {"runs": [{k: v for k, v in r.items() if k != "history"} for r in runs],
                "lm": [{k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]} for r in lm]}
     (into / "results.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -373,23 +373,26 @@ def plot_s3(
     path: str | Path,
     train_length: int | None = None,
     title: str = "S3 state tracking: cumulative sequence accuracy vs length",
+    per_token: bool = True,
 ) -> Path:
-    """PNG of cumulative sequence accuracy vs length per model (solid) and the per-token accuracy (dotted), with
-    chance level and a dashed line at `train_length`."""
+    """PNG of cumulative sequence accuracy vs length per model (solid) and, with `per_token`, the per-token accuracy
+    (dotted) with its chance level; a dashed line at `train_length`."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
     for name, results in results_by_model.items():
         lengths = sorted(results)
         sequence = [100 * results[n].get("sequence_accuracy", float("nan")) for n in lengths]
-        (line,) = ax.plot(lengths, sequence, marker="o", label=f"{name}: sequence")
-        ax.plot(lengths, [100 * results[n]["accuracy"] for n in lengths], marker=".", linestyle=":",
-                linewidth=1, color=line.get_color(), label=f"{name}: per token")
-    ax.axhline(100 / NUM_ELEMENTS, color="grey", linestyle=":", linewidth=1, label="per-token chance (16.7%)")
+        (line,) = ax.plot(lengths, sequence, marker="o", label=f"{name}: sequence" if per_token else name)
+        if per_token:
+            ax.plot(lengths, [100 * results[n]["accuracy"] for n in lengths], marker=".", linestyle=":",
+                    linewidth=1, color=line.get_color(), label=f"{name}: per token")
+    if per_token:
+        ax.axhline(100 / NUM_ELEMENTS, color="grey", linestyle=":", linewidth=1, label="per-token chance (16.7%)")
     if train_length is not None:
         ax.axvline(train_length, color="black", linestyle="--", linewidth=1, label=f"training length {train_length}")
     ax.set_xscale("log", base=2)
@@ -401,7 +404,7 @@ def plot_s3(
     ax.set_ylim(-2, 102)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
