@@ -10,6 +10,8 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 MIXER_TYPES = ("m2rnn", "gated_deltanet", "full_attention")
+STATE_WEIGHT_INITS = ("identity", "orthogonal", "normal")
+CONV_INITS = ("normal", "identity")
 QK_NORM_TYPES = (None, "per_head", "full")
 BLOCK_NORM_TYPES = ("pre", "post")
 # transformers' cache only knows its own layer-type strings: both recurrent mixers are "linear_attention".
@@ -41,6 +43,15 @@ class M2RNNConfig(PretrainedConfig):
         m2rnn_A_init_range, m2rnn_dt_min, m2rnn_dt_max, m2rnn_dt_init_floor: forget-gate init,
             A ~ U(range), dt ~ logU(dt_min, dt_max) floored, f = exp(-exp(A_log) softplus(x_f + dt_bias)).
         m2rnn_norm_eps: eps of the RMSNorm over the whole N·V output vector.
+        m2rnn_state_weight_init (`"identity"`, `"orthogonal"` or `"normal"`): init of each head's V×V state matrix W:
+            I (the paper's, default), a random orthogonal matrix per head, or N(0, 1/V).
+        m2rnn_use_forget_gate (`bool`, True): False drops the forget gate (no x_f channels, A_log, dt_bias): f ≡ 0,
+            so H_t = tanh(H_{t-1} W + k vᵀ), a plain non-linear RNN.
+        m2rnn_in_proj_init_std (`float` or None): std of `in_proj`'s normal init; None uses `initializer_range`.
+        m2rnn_conv_init (`"normal"` or `"identity"`): the short conv's init: N(0, `initializer_range`) or the
+            identity filter (1 on the current token, 0 on the past ones).
+            S3 state tracking needs orthogonal W, no forget gate, in_proj std 1/√hidden_size and the identity conv
+            (docs/demo.md); the language-model presets keep the paper's init.
 
         linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, linear_value_head_dim,
         linear_conv_kernel_dim: the Gated DeltaNet mixer (Qwen3.5 names).
@@ -50,6 +61,10 @@ class M2RNNConfig(PretrainedConfig):
             `RMSNorm(o) ⊙ SiLU(z)` (fla, Qwen, OLMo).
         linear_norm_eps (`float` or None): eps of the per-head output RMSNorm; None uses `rms_norm_eps`
             (OLMo-hybrid fixes it at 1e-5).
+        linear_use_short_conv (`bool`, True): False replaces the short conv by SiLU alone (fla's `use_short_conv=False`).
+        linear_use_decay_gate (`bool`, True): False drops the decay gate (no `in_proj_a`, A_log, dt_bias): g ≡ 0,
+            plain DeltaNet.
+        linear_use_output_gate (`bool`, True): False drops the output gate (no `in_proj_z`): out = out_proj(RMSNorm(o)).
 
         num_attention_heads, num_key_value_heads, head_dim: attention shapes (GQA when kv heads < heads).
         rope_parameters (`dict` or None): None for NoPE, else `{"rope_theta": float, "partial_rotary_factor": float}`;
@@ -121,6 +136,10 @@ class M2RNNConfig(PretrainedConfig):
         m2rnn_dt_max: float = 0.1,
         m2rnn_dt_init_floor: float = 1e-4,
         m2rnn_norm_eps: float = 1e-5,
+        m2rnn_state_weight_init: str = "identity",
+        m2rnn_use_forget_gate: bool = True,
+        m2rnn_in_proj_init_std: float | None = None,
+        m2rnn_conv_init: str = "normal",
         # Gated DeltaNet mixer
         linear_num_key_heads: int = 2,
         linear_num_value_heads: int = 2,
@@ -130,6 +149,9 @@ class M2RNNConfig(PretrainedConfig):
         linear_allow_neg_eigval: bool = False,
         linear_gate_before_norm: bool = False,
         linear_norm_eps: float | None = None,
+        linear_use_short_conv: bool = True,
+        linear_use_decay_gate: bool = True,
+        linear_use_output_gate: bool = True,
         # attention
         num_attention_heads: int = 16,
         num_key_value_heads: int | None = None,
@@ -183,6 +205,10 @@ class M2RNNConfig(PretrainedConfig):
         self.m2rnn_dt_max = m2rnn_dt_max
         self.m2rnn_dt_init_floor = m2rnn_dt_init_floor
         self.m2rnn_norm_eps = m2rnn_norm_eps
+        self.m2rnn_state_weight_init = m2rnn_state_weight_init
+        self.m2rnn_use_forget_gate = m2rnn_use_forget_gate
+        self.m2rnn_in_proj_init_std = m2rnn_in_proj_init_std
+        self.m2rnn_conv_init = m2rnn_conv_init
 
         self.linear_num_key_heads = linear_num_key_heads
         self.linear_num_value_heads = linear_num_value_heads
@@ -192,6 +218,9 @@ class M2RNNConfig(PretrainedConfig):
         self.linear_allow_neg_eigval = linear_allow_neg_eigval
         self.linear_gate_before_norm = linear_gate_before_norm
         self.linear_norm_eps = linear_norm_eps
+        self.linear_use_short_conv = linear_use_short_conv
+        self.linear_use_decay_gate = linear_use_decay_gate
+        self.linear_use_output_gate = linear_use_output_gate
 
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
@@ -305,6 +334,17 @@ class M2RNNConfig(PretrainedConfig):
                 fail("m2rnn_dt_min", self.m2rnn_dt_min, f"must satisfy 0 < dt_min <= dt_max={self.m2rnn_dt_max}")
             if not (_is_number(self.m2rnn_dt_init_floor) and self.m2rnn_dt_init_floor >= 0):
                 fail("m2rnn_dt_init_floor", self.m2rnn_dt_init_floor, "must be a finite number >= 0")
+            if self.m2rnn_state_weight_init not in STATE_WEIGHT_INITS:
+                fail("m2rnn_state_weight_init", self.m2rnn_state_weight_init, f"must be one of {STATE_WEIGHT_INITS}")
+            if self.m2rnn_conv_init not in CONV_INITS:
+                fail("m2rnn_conv_init", self.m2rnn_conv_init, f"must be one of {CONV_INITS}")
+            if self.m2rnn_in_proj_init_std is not None and not (
+                isinstance(self.m2rnn_in_proj_init_std, (int, float)) and self.m2rnn_in_proj_init_std > 0
+            ):
+                fail("m2rnn_in_proj_init_std", self.m2rnn_in_proj_init_std, "must be a positive float or None")
+        for name in ("m2rnn_use_forget_gate", "linear_use_short_conv", "linear_use_decay_gate", "linear_use_output_gate"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "must be True or False")
         if "gated_deltanet" in self.mixer_types and self.linear_num_value_heads % self.linear_num_key_heads:
             fail(
                 "linear_num_value_heads",

@@ -170,23 +170,27 @@ class M2RNNMixer(nn.Module):
         self.num_gate_heads = config.m2rnn_num_gate_heads
         self.gradient_clipping = config.m2rnn_gradient_clipping
         self.use_residual = config.m2rnn_use_residual
+        self.use_forget_gate = config.m2rnn_use_forget_gate
         self.conv_dim = (self.num_q_heads + self.num_k_heads) * self.key_dim + self.num_v_heads * self.value_dim
+        self.forget_dim = self.num_forget_heads if self.use_forget_gate else 0
         gate_dim = self.num_gate_heads * self.value_dim
         output_dim = self.num_heads * self.value_dim
 
-        self.in_proj = nn.Linear(config.hidden_size, self.conv_dim + self.num_forget_heads + gate_dim, bias=False)
+        self.in_proj = nn.Linear(config.hidden_size, self.conv_dim + self.forget_dim + gate_dim, bias=False)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, config.m2rnn_conv_kernel_size, groups=self.conv_dim, bias=False
         )
-        self.A_log = nn.Parameter(torch.zeros(self.num_forget_heads))
-        self.dt_bias = nn.Parameter(torch.zeros(self.num_forget_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_forget_heads)) if self.use_forget_gate else None
+        self.dt_bias = nn.Parameter(torch.zeros(self.num_forget_heads)) if self.use_forget_gate else None
         self.state_weight = nn.Parameter(torch.zeros(config.m2rnn_num_weight_heads, self.value_dim, self.value_dim))
         self.D = nn.Parameter(torch.ones(self.num_heads, self.value_dim)) if self.use_residual else None
         self.norm = M2RNNRMSNorm(output_dim, eps=config.m2rnn_norm_eps)
         self.out_proj = nn.Linear(output_dim, config.hidden_size, bias=False)
 
     def forget_gate(self, x_f: torch.Tensor) -> torch.Tensor:
-        """f = exp(-exp(A_log) · softplus(x_f + dt_bias)), in float32."""
+        """f = exp(-exp(A_log) · softplus(x_f + dt_bias)), in float32; f ≡ 0 without the gate."""
+        if not self.use_forget_gate:
+            return x_f.new_zeros(*x_f.shape[:-1], self.num_forget_heads, dtype=torch.float32)
         return torch.exp(-self.A_log.float().exp() * F.softplus(x_f.float() + self.dt_bias.float()))
 
     def forward(
@@ -202,7 +206,7 @@ class M2RNNMixer(nn.Module):
         hidden_states = _mask_padding(hidden_states, attention_mask)
 
         qkv, x_f, gate = self.in_proj(hidden_states).split(
-            [self.conv_dim, self.num_forget_heads, self.num_gate_heads * self.value_dim], dim=-1
+            [self.conv_dim, self.forget_dim, self.num_gate_heads * self.value_dim], dim=-1
         )
         qkv = short_convolution(
             qkv, self.conv1d.weight.squeeze(1), self.layer_idx, past_key_values, cu_seqlens, decoding
@@ -262,16 +266,19 @@ class M2RNNGatedDeltaNet(nn.Module):
         self.gate_before_norm = config.linear_gate_before_norm
         key_total, value_total = self.num_k_heads * self.key_dim, self.num_v_heads * self.value_dim
         self.conv_dim = 2 * key_total + value_total
+        decay, output_gate = config.linear_use_decay_gate, config.linear_use_output_gate
 
         self.in_proj_qkv = nn.Linear(config.hidden_size, self.conv_dim, bias=False)
-        self.in_proj_z = nn.Linear(config.hidden_size, value_total, bias=False)
+        self.in_proj_z = nn.Linear(config.hidden_size, value_total, bias=False) if output_gate else None
         self.in_proj_b = nn.Linear(config.hidden_size, self.num_v_heads, bias=False)
-        self.in_proj_a = nn.Linear(config.hidden_size, self.num_v_heads, bias=False)
-        self.conv1d = nn.Conv1d(
-            self.conv_dim, self.conv_dim, config.linear_conv_kernel_dim, groups=self.conv_dim, bias=False
+        self.in_proj_a = nn.Linear(config.hidden_size, self.num_v_heads, bias=False) if decay else None
+        self.conv1d = (
+            nn.Conv1d(self.conv_dim, self.conv_dim, config.linear_conv_kernel_dim, groups=self.conv_dim, bias=False)
+            if config.linear_use_short_conv
+            else None
         )
-        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
-        self.dt_bias = nn.Parameter(torch.zeros(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads)) if decay else None
+        self.dt_bias = nn.Parameter(torch.zeros(self.num_v_heads)) if decay else None
         norm_eps = config.linear_norm_eps if config.linear_norm_eps is not None else config.rms_norm_eps
         self.norm = M2RNNRMSNorm(self.value_dim, eps=norm_eps)
         self.out_proj = nn.Linear(value_total, config.hidden_size, bias=False)
@@ -288,10 +295,10 @@ class M2RNNGatedDeltaNet(nn.Module):
         resuming, decoding = _cache_mode(past_key_values, self.layer_idx, seq_len)
         hidden_states = _mask_padding(hidden_states, attention_mask)
 
-        qkv = short_convolution(
-            self.in_proj_qkv(hidden_states), self.conv1d.weight.squeeze(1), self.layer_idx, past_key_values,
-            cu_seqlens, decoding,
-        )
+        qkv = self.in_proj_qkv(hidden_states)
+        # Without the short conv: a fixed width-1 identity filter, i.e. SiLU alone, which still marks the cache.
+        conv_weight = self.conv1d.weight.squeeze(1) if self.conv1d is not None else qkv.new_ones(self.conv_dim, 1)
+        qkv = short_convolution(qkv, conv_weight, self.layer_idx, past_key_values, cu_seqlens, decoding)
         q, k, v = qkv.split([self.num_k_heads * self.key_dim] * 2 + [self.num_v_heads * self.value_dim], dim=-1)
         q = q.reshape(batch, seq_len, self.num_k_heads, self.key_dim)
         k = k.reshape(batch, seq_len, self.num_k_heads, self.key_dim)
@@ -299,7 +306,10 @@ class M2RNNGatedDeltaNet(nn.Module):
         beta = torch.sigmoid(self.in_proj_b(hidden_states).float())
         if self.beta_scale != 1.0:
             beta = beta * self.beta_scale
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(hidden_states).float() + self.dt_bias.float())
+        if self.A_log is None:
+            g = beta.new_zeros(beta.shape)
+        else:
+            g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(hidden_states).float() + self.dt_bias.float())
         keep = _keep_mask(attention_mask, seq_len)
         if keep is not None:  # no decay and no write at padded positions
             g = g.masked_fill(~keep[..., None], 0.0)
@@ -314,8 +324,11 @@ class M2RNNGatedDeltaNet(nn.Module):
             if past_key_values is not None:
                 past_key_values.update_recurrent_state(final_state, self.layer_idx)
 
-        z = self.in_proj_z(hidden_states).reshape(batch, seq_len, self.num_v_heads, self.value_dim)
-        o = self.norm(o * F.silu(z)) if self.gate_before_norm else self.norm(o) * F.silu(z)
+        if self.in_proj_z is None:
+            o = self.norm(o)
+        else:
+            z = self.in_proj_z(hidden_states).reshape(batch, seq_len, self.num_v_heads, self.value_dim)
+            o = self.norm(o * F.silu(z)) if self.gate_before_norm else self.norm(o) * F.silu(z)
         return self.out_proj(o.reshape(batch, seq_len, -1))
 
 
@@ -692,10 +705,10 @@ class M2RNNPreTrainedModel(PreTrainedModel):
         for name in ("out_proj", "o_proj", "down_proj"):
             if isinstance(getattr(module, name, None), nn.Linear):
                 init.normal_(getattr(module, name).weight, mean=0.0, std=output_std)
-        if isinstance(module, (M2RNNMixer, M2RNNGatedDeltaNet)):
+        if isinstance(module, (M2RNNMixer, M2RNNGatedDeltaNet)) and module.A_log is not None:
             self._init_decay_gate(module.A_log, module.dt_bias)
         if isinstance(module, M2RNNMixer):
-            init.copy_(module.state_weight, torch.eye(module.value_dim).expand_as(module.state_weight))
+            self._init_m2rnn_options(module)
             if module.D is not None:
                 init.ones_(module.D)
 
@@ -743,6 +756,25 @@ class M2RNNPreTrainedModel(PreTrainedModel):
         except ImportError:
             return super().save_pretrained(save_directory, *args, **kwargs)
         return save_pretrained_with_hub_files(self, super().save_pretrained, save_directory, *args, **kwargs)
+
+    def _init_m2rnn_options(self, module: M2RNNMixer) -> None:
+        """W (`m2rnn_state_weight_init`), `in_proj` (`m2rnn_in_proj_init_std`) and the conv (`m2rnn_conv_init`)."""
+        config = self.config
+        heads, value_dim = module.state_weight.shape[:2]
+        if config.m2rnn_state_weight_init == "identity":
+            init.copy_(module.state_weight, torch.eye(value_dim).expand(heads, value_dim, value_dim))
+        elif config.m2rnn_state_weight_init == "orthogonal":
+            q, r = torch.linalg.qr(torch.randn(heads, value_dim, value_dim, dtype=torch.float64))
+            q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # Haar-uniform
+            init.copy_(module.state_weight, q.to(module.state_weight.dtype))
+        else:
+            init.normal_(module.state_weight, mean=0.0, std=value_dim**-0.5)
+        if config.m2rnn_in_proj_init_std is not None:
+            init.normal_(module.in_proj.weight, mean=0.0, std=config.m2rnn_in_proj_init_std)
+        if config.m2rnn_conv_init == "identity":  # the last tap multiplies the current token
+            identity = torch.zeros(module.conv1d.weight.shape)
+            identity[..., -1] = 1.0
+            init.copy_(module.conv1d.weight, identity)
 
     def _init_decay_gate(self, a_log: torch.Tensor, dt_bias: torch.Tensor) -> None:
         """A ~ U(A_init_range), dt ~ logU(dt_min, dt_max) floored, dt_bias = softplus⁻¹(dt)."""

@@ -14,6 +14,13 @@ Conventions
 - Running product: ``p_1 = x_1`` and ``p_t = x_t ∘ p_{t-1}`` — apply x_1 first, then x_2, …, then x_t.
 - Targets are not shifted: the logits at position t (which has read x_1..x_t) are scored against p_t.
 
+Metrics (`hit_metrics`), leading with the paper's:
+- **cumulative sequence accuracy** at length t: the share of sequences whose every prediction up to t is right
+  (``hits.cumprod(1)[:, t-1].mean()``); a model that loses track scores 0, not chance;
+- per-token accuracy over positions 1..t and the accuracy at position t (chance 1/6 for both).
+The paper measures all lengths as prefixes of one set of 1,000 sequences of length 512 (`evaluate_s3_prefixes`);
+`evaluate_s3` draws fresh sequences per length. For a causal model both estimate the same quantities.
+
 The engine is model-agnostic: any module whose ``forward(input_ids)`` returns an object with ``.logits`` of shape
 (B, S, vocab ≥ 6) can be trained and evaluated.
 """
@@ -82,6 +89,11 @@ def running_products(elements: torch.Tensor) -> torch.Tensor:
         state = table[elements[:, t], state]
         products[:, t] = state
     return products
+
+
+def sample_fixed_dataset(size: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed training set of `size` sequences (the harness's recipe trains epochs over 100k sequences of 128)."""
+    return sample_batch(size, length, torch.Generator().manual_seed(seed))
 
 
 def sample_batch(
@@ -168,6 +180,7 @@ def train_s3(
     log_every: int = 10,
     max_seconds: float | None = None,
     stop_after: int | None = None,
+    dataset_size: int | None = None,
     description: str = "S3",
 ) -> S3History:
     """Train `model` on S3 running products with AdamW; returns an `S3History`.
@@ -177,10 +190,18 @@ def train_s3(
     (and stays on the last length once there); without it, the steps are split evenly between the lengths.
     The lr schedule runs over all `steps` whatever the curriculum does. `max_seconds` and `stop_after` (a step
     count) stop the run early, the schedule unchanged; the history says how many steps ran.
+    `dataset_size`: train on a fixed set of that many sequences of `train_length` (shuffled each epoch; a
+    curriculum stage reads their prefixes) instead of fresh random batches.
     """
     lengths = curriculum_lengths(curriculum, train_length)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
+    if dataset_size is not None:
+        if dataset_size < batch_size:
+            raise ValueError(f"train_s3: `dataset_size`={dataset_size} must be at least batch_size={batch_size}")
+        data_inputs, data_targets = sample_fixed_dataset(dataset_size, max(lengths), seed)
+        data_inputs, data_targets = data_inputs.to(device), data_targets.to(device)
+        order, cursor = torch.randperm(dataset_size, generator=generator), 0
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -200,7 +221,14 @@ def train_s3(
         current_lr = lr_at(step, steps, lr, schedule, warmup)
         for group in optimizer.param_groups:
             group["lr"] = current_lr
-        input_ids, targets = sample_batch(batch_size, length, generator, device)
+        if dataset_size is None:
+            input_ids, targets = sample_batch(batch_size, length, generator, device)
+        else:
+            if cursor + batch_size > dataset_size:  # new epoch (the incomplete last batch is dropped)
+                order, cursor = torch.randperm(dataset_size, generator=generator), 0
+            rows = order[cursor : cursor + batch_size].to(device)
+            cursor += batch_size
+            input_ids, targets = data_inputs[rows, :length], data_targets[rows, :length]
         loss, accuracy = s3_loss(model(input_ids).logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -231,7 +259,44 @@ def train_s3(
 # ---------------------------------------------------------------------------------------------------- evaluation
 
 
+def cumulative_sequence_accuracy(hits: torch.Tensor) -> torch.Tensor:
+    """(S,) share of sequences whose predictions are all right up to each position, from (B, S) boolean hits."""
+    return hits.long().cumprod(dim=1).float().mean(dim=0)
+
+
+def hit_metrics(hits: torch.Tensor, lengths: Iterable[int]) -> dict[int, dict[str, float]]:
+    """Metrics of (B, S) boolean `hits` at each prefix length t ≤ S: ``sequence_accuracy`` (cumulative sequence
+    accuracy, the paper's), ``accuracy`` (mean over positions 1..t) and ``last_accuracy`` (at position t)."""
+    hits = hits.bool()
+    sequence = cumulative_sequence_accuracy(hits)
+    per_position = hits.float().mean(dim=0)
+    running = per_position.cumsum(0)
+    out = {}
+    for t in lengths:
+        if not 1 <= t <= hits.shape[1]:
+            raise ValueError(f"hit_metrics: length {t} is outside 1..{hits.shape[1]}")
+        out[t] = {"sequence_accuracy": sequence[t - 1].item(), "accuracy": running[t - 1].item() / t,
+                  "last_accuracy": per_position[t - 1].item()}
+    return out
+
+
 @torch.no_grad()
+def _hits(model: torch.nn.Module, num_samples: int, length: int, generator: torch.Generator,
+          batch_size: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    rows = []
+    for done in range(0, num_samples, batch_size):
+        input_ids, targets = sample_batch(min(batch_size, num_samples - done), length, generator, device)
+        rows.append((model(input_ids).logits.argmax(-1) == targets).cpu())
+    return torch.cat(rows)
+
+
+def _evaluating(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    return was_training
+
+
 def evaluate_s3(
     model: torch.nn.Module,
     lengths: Iterable[int],
@@ -240,39 +305,49 @@ def evaluate_s3(
     batch_size: int = 256,
     progress: bool = False,
 ) -> dict[int, dict[str, float]]:
-    """Accuracy by sequence length on fresh random sequences.
+    """`hit_metrics` by length, each length on its own `num_samples` fresh random sequences.
 
-    Returns ``{length: {"accuracy": mean over all positions, "last_accuracy": accuracy at the last position}}``.
-    The prediction is the argmax over the model's whole vocabulary. `seed` is distinct from training seeds by
-    default so that evaluation sequences are held out.
+    Returns ``{length: {"sequence_accuracy", "accuracy", "last_accuracy"}}``. The prediction is the argmax over the
+    model's whole vocabulary. `seed` is distinct from training seeds by default so that sequences are held out.
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    was_training = _evaluating(model)
     results: dict[int, dict[str, float]] = {}
-    lengths = list(lengths)
-    for length in tqdm(lengths, desc="evaluate", disable=not progress, dynamic_ncols=True):
-        generator = torch.Generator().manual_seed(seed + length)
-        correct, last_correct, done = 0.0, 0.0, 0
-        while done < num_samples:
-            n = min(batch_size, num_samples - done)
-            input_ids, targets = sample_batch(n, length, generator, device)
-            hits = model(input_ids).logits.argmax(-1) == targets
-            correct += hits.float().mean(dim=1).sum().item()
-            last_correct += hits[:, -1].float().sum().item()
-            done += n
-        results[length] = {"accuracy": correct / num_samples, "last_accuracy": last_correct / num_samples}
+    for length in tqdm(list(lengths), desc="evaluate", disable=not progress, dynamic_ncols=True):
+        hits = _hits(model, num_samples, length, torch.Generator().manual_seed(seed + length), batch_size)
+        results[length] = hit_metrics(hits, [length])[length]
     model.train(was_training)
     return results
+
+
+def evaluate_s3_prefixes(
+    model: torch.nn.Module,
+    lengths: Iterable[int],
+    num_samples: int = 1000,
+    seed: int = 1234,
+    batch_size: int = 250,
+) -> dict[int, dict[str, float]]:
+    """The paper's measurement: `num_samples` sequences of length max(`lengths`), every metric read at each length
+    as a prefix of the same sequences (so the curve of cumulative sequence accuracy never rises)."""
+    lengths = sorted(lengths)
+    was_training = _evaluating(model)
+    hits = _hits(model, num_samples, lengths[-1], torch.Generator().manual_seed(seed), batch_size)
+    model.train(was_training)
+    return hit_metrics(hits, lengths)
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
 
 
+def _percent(result: Mapping[str, float] | None, key: str) -> str:
+    value = None if result is None else result.get(key)
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
 def results_table(
     results_by_model: Mapping[str, Mapping[int, Mapping[str, float]]], train_length: int | None = None
 ) -> str:
-    """Markdown table: one row per model, one column per length, cells "all-position % / last-position %"."""
+    """Markdown table: one row per model, one column per length, cells "sequence % (token % / last %)" — the
+    cumulative sequence accuracy first, the per-token and last-position accuracy beside it."""
     lengths = sorted({n for results in results_by_model.values() for n in results})
     def header(n: int) -> str:
         return f"{n}{' (train)' if n == train_length else ''}"
@@ -284,10 +359,12 @@ def results_table(
         cells = []
         for n in lengths:
             r = results.get(n)
-            cells.append("–" if r is None else f"{100 * r['accuracy']:.1f} / {100 * r['last_accuracy']:.1f}")
+            cells.append("–" if r is None else f"**{_percent(r, 'sequence_accuracy')}** "
+                         f"({_percent(r, 'accuracy')} / {_percent(r, 'last_accuracy')})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Cells: accuracy over all positions % / accuracy at the last position %; chance is 16.7%.")
+    lines.append("Cells: **cumulative sequence accuracy %** (all predictions up to that length right; a model that "
+                 "loses track scores 0) (per-token accuracy % / accuracy at the last position %, chance 16.7%).")
     return "\n".join(lines)
 
 
@@ -295,23 +372,27 @@ def plot_s3(
     results_by_model: Mapping[str, Mapping[int, Mapping[str, float]]],
     path: str | Path,
     train_length: int | None = None,
-    title: str = "S3 state tracking: accuracy vs sequence length",
+    title: str = "S3 state tracking: cumulative sequence accuracy vs length",
+    per_token: bool = True,
 ) -> Path:
-    """PNG of accuracy vs length per model (all positions, and dotted: the last position), with chance level and a
-    dashed line at `train_length`."""
+    """PNG of cumulative sequence accuracy vs length per model (solid) and, with `per_token`, the per-token accuracy
+    (dotted) with its chance level; a dashed line at `train_length`."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
     for name, results in results_by_model.items():
         lengths = sorted(results)
-        (line,) = ax.plot(lengths, [100 * results[n]["accuracy"] for n in lengths], marker="o", label=name)
-        ax.plot(lengths, [100 * results[n]["last_accuracy"] for n in lengths], marker=".", linestyle=":",
-                linewidth=1, color=line.get_color(), label=f"{name}, last position")
-    ax.axhline(100 / NUM_ELEMENTS, color="grey", linestyle=":", linewidth=1, label="chance (16.7%)")
+        sequence = [100 * results[n].get("sequence_accuracy", float("nan")) for n in lengths]
+        (line,) = ax.plot(lengths, sequence, marker="o", label=f"{name}: sequence" if per_token else name)
+        if per_token:
+            ax.plot(lengths, [100 * results[n]["accuracy"] for n in lengths], marker=".", linestyle=":",
+                    linewidth=1, color=line.get_color(), label=f"{name}: per token")
+    if per_token:
+        ax.axhline(100 / NUM_ELEMENTS, color="grey", linestyle=":", linewidth=1, label="per-token chance (16.7%)")
     if train_length is not None:
         ax.axvline(train_length, color="black", linestyle="--", linewidth=1, label=f"training length {train_length}")
     ax.set_xscale("log", base=2)
@@ -319,11 +400,11 @@ def plot_s3(
     ax.set_xticks(ticks, [str(n) for n in ticks])
     ax.minorticks_off()
     ax.set_xlabel("sequence length")
-    ax.set_ylabel("accuracy (%): all positions, last position")
-    ax.set_ylim(0, 102)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
