@@ -215,3 +215,26 @@ def test_triton_launch_config_refuses_bad_fields(fields, message):
     config = M2RNNTritonConfig()
     with pytest.raises(AttributeError):
         config.block_k = 32
+
+
+def test_reference_keeps_no_states_without_gradients(monkeypatch):
+    """Inference through the reference holds one state, not S+1 (the demo's CPU evaluation at length 512)."""
+    import m2rnn.kernels.m2rnn.reference as reference
+
+    calls = []
+    original = reference._run
+
+    def spy(*args, keep_states):
+        calls.append(keep_states)
+        return original(*args, keep_states=keep_states)
+
+    monkeypatch.setattr(reference, "_run", spy)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 7, 2, 4), torch.randn(2, 7, 2, 4), torch.randn(2, 7, 2, 3)
+    weight, forget = torch.randn(2, 3, 3, requires_grad=True), torch.rand(2, 7, 2)
+    with torch.no_grad():
+        y0, h0 = reference.m2rnn_recurrence_torch(q, k, v, weight, forget)
+    y1, h1 = reference.m2rnn_recurrence_torch(q, k, v, weight, forget)
+    assert calls == [False, True]
+    torch.testing.assert_close(y0, y1.detach())
+    torch.testing.assert_close(h0, h1.detach())

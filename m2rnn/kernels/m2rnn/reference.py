@@ -31,26 +31,36 @@ def _step(state: torch.Tensor, weight: torch.Tensor, k_t: torch.Tensor, v_t: tor
     return f * state + (1.0 - f) * z, z
 
 
+def _run(q, k, v, weight, forget, h0, keep_states: bool):
+    """The forward loop on head-expanded inputs: (y in q's dtype, final state, every state stacked or None).
+
+    The stacked states (S+1 full states) are what the hand-written backward reads; without gradients they are not
+    kept, so inference needs one state's memory, not S+1."""
+    batch, seqlen, heads, _ = q.shape
+    acc = _accumulation_dtype(q)
+    w = weight.to(acc)
+    state = h0.to(acc).clone()
+    states = [state] if keep_states else None
+    ys = []
+    for t in range(seqlen):
+        state, _ = _step(state, w, k[:, t].to(acc), v[:, t].to(acc), forget[:, t].to(acc))
+        if keep_states:
+            states.append(state)
+        ys.append(torch.einsum("bnk,bnkv->bnv", q[:, t].to(acc), state))
+    y = torch.stack(ys, dim=1) if ys else q.new_zeros(batch, 0, heads, v.shape[-1], dtype=acc)
+    return y.to(q.dtype), state, torch.stack(states, dim=0) if keep_states else None
+
+
 class _M2RNNRecurrence(torch.autograd.Function):
     """Recurrence on head-expanded inputs: q,k (B,S,N,K), v (B,S,N,V), weight (N,V,V), forget (B,S,N), h0 (B,N,K,V)."""
 
     @staticmethod
     def forward(ctx, q, k, v, weight, forget, h0, gradient_clipping):
-        batch, seqlen, heads, _ = q.shape
-        acc = _accumulation_dtype(q)
-        w = weight.to(acc)
-        state = h0.to(acc).clone()
-        states = [state]
-        ys = []
-        for t in range(seqlen):
-            state, _ = _step(state, w, k[:, t].to(acc), v[:, t].to(acc), forget[:, t].to(acc))
-            states.append(state)
-            ys.append(torch.einsum("bnk,bnkv->bnv", q[:, t].to(acc), state))
-        y = torch.stack(ys, dim=1) if ys else q.new_zeros(batch, 0, heads, v.shape[-1], dtype=acc)
-        ctx.save_for_backward(q, k, v, weight, forget, torch.stack(states, dim=0))
+        y, state, states = _run(q, k, v, weight, forget, h0, keep_states=True)
+        ctx.save_for_backward(q, k, v, weight, forget, states)
         ctx.gradient_clipping = gradient_clipping
         ctx.h0_dtype = h0.dtype
-        return y.to(q.dtype), state
+        return y, state
 
     @staticmethod
     def backward(ctx, dy, d_final_state):
@@ -108,7 +118,11 @@ def m2rnn_recurrence_torch(
     if initial_state is None:
         initial_state = q.new_zeros(batch, heads, key_dim, value_dim, dtype=torch.float32)
     q, k, v, forget, weight = (expand_heads(x, heads, dim) for x, dim in ((q, 2), (k, 2), (v, 2), (forget, 2), (weight, 0)))
-    return _M2RNNRecurrence.apply(q, k, v, weight, forget, initial_state, gradient_clipping)
+    inputs = (q, k, v, weight, forget, initial_state)
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)):
+        y, state, _ = _run(*inputs, keep_states=False)
+        return y, state
+    return _M2RNNRecurrence.apply(*inputs, gradient_clipping)
 
 
 def _varlen(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping):
