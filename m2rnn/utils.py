@@ -187,3 +187,18 @@ def _replace_folder(new: Path, target: Path) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup.parent, ignore_errors=True)
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def parse_dtype(name: str) -> torch.dtype:  # noqa: F821 (torch is imported inside)
+    """A torch dtype from either spelling (`bfloat16` / `bf16`, `float16` / `fp16` / `half`, `float32` / `fp32` /
+    `float`), so every command accepts the same names; the error names the value and the choices."""
+    import torch
+
+    key = str(name).strip().lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(_DTYPES)}")
+    return getattr(torch, _DTYPES[key])

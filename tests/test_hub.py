@@ -31,6 +31,7 @@ from m2rnn.hub import (
     save_for_hub,
 )
 from m2rnn.model_card import CARD_MARKER, ModelCardError, render_model_card, write_model_card
+from m2rnn.utils import OUTPUT_MARKER, OutputError
 
 INPUT_IDS = [[1, 17, 42, 99, 3, 250, 7, 8]]
 CONVERSION = {
@@ -136,7 +137,7 @@ def test_save_for_hub_writes_a_complete_sharded_folder(hub_folder):
     names = {p.name for p in hub_folder.iterdir()}
     assert {"config.json", "generation_config.json", "README.md", "model.safetensors.index.json"} <= names
     assert len([n for n in names if n.endswith(".safetensors")]) > 1
-    assert not [n for n in names if n.startswith(".")], "temporary files left behind"
+    assert not [n for n in names if n.startswith(".") and n != OUTPUT_MARKER], "temporary files left behind"
     config = json.loads((hub_folder / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP
     for reference in AUTO_MAP.values():
@@ -163,7 +164,7 @@ def test_save_pretrained_keeps_a_user_readme(tiny_model, tmp_path):
 
 def test_save_for_hub_refuses_to_clobber_a_folder(tiny_model, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(OutputError, match="overwrite"):
         save_for_hub(tiny_model, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
@@ -242,7 +243,7 @@ def test_failed_card_write_leaves_the_readme_intact(hub_folder, tmp_path, monkey
     with pytest.raises(OSError, match="disk full"):
         write_model_card(hub_folder, results=LM_EVAL_RESULTS)
     assert readme.read_text() == before
-    assert not [p.name for p in hub_folder.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in hub_folder.iterdir() if p.name.startswith(".") and p.name != OUTPUT_MARKER]
 
 
 def test_cli_card_prints_and_rewrites(hub_folder, tmp_path, capsys):
@@ -290,6 +291,9 @@ class FakeHub:
             return httpx2.Response(200, json={"url": f"{self.endpoint}/{repo_id}"})
         if request.method == "GET" and path == "/api/agent-harnesses":  # huggingface_hub's best-effort user-agent lookup
             return httpx2.Response(404)
+        if request.method == "GET" and path.startswith("/api/models/") and len(path.split("/")) == 5:  # the probe
+            repo_id = "/".join(path.split("/")[3:5])
+            return httpx2.Response(200 if repo_id in self.repos else 404, json={"id": repo_id})
         if request.method == "POST" and path == "/api/validate-yaml":
             return httpx2.Response(200, json={"errors": [], "warnings": []})
         parts = path.split("/")
@@ -340,7 +344,7 @@ def pushed(hub_folder, tmp_path_factory) -> tuple[FakeHub, Path, dict[str, bytes
     with serve_fake_hub() as hub:
         info = push_to_hub(hub_folder, "me/tiny-m2rnn", private=True, endpoint=hub.endpoint)
     assert info.oid == "1" * 40
-    sent = {path.name: path.read_bytes() for path in hub_folder.iterdir()}
+    sent = {path.name: path.read_bytes() for path in hub_folder.iterdir() if path.name != OUTPUT_MARKER}
     received = tmp_path_factory.mktemp("received")
     for name, content in hub.files["me/tiny-m2rnn@main"].items():
         (received / name).write_bytes(content)
@@ -351,6 +355,7 @@ def test_push_uploads_every_file_of_the_folder(pushed):
     hub, received, sent = pushed
     assert hub.unknown == [] and hub.repos["me/tiny-m2rnn"].get("visibility") == "private"
     assert {path.name: path.read_bytes() for path in received.iterdir()} == sent
+    assert (hub.endpoint and OUTPUT_MARKER not in hub.files["me/tiny-m2rnn@main"])  # m2rnn's own marker stays home
     card = ModelCard((received / "README.md").read_text())
     assert "m2rnn" in card.data.tags and 'from_pretrained("me/tiny-m2rnn"' in card.text
 
@@ -399,5 +404,6 @@ def test_push_refuses_a_folder_that_does_not_load(tiny_model, tmp_path, fake_hub
     with pytest.raises(FolderCheckError, match=match):
         push_to_hub(folder, "me/broken", endpoint=fake_hub.endpoint)
     assert cli_main(["push", str(folder), "me/broken"]) == 1
-    assert "refused" in capsys.readouterr().err
+    error = capsys.readouterr().err.splitlines()[-1]  # one line (the fixture's save printed its bars before)
+    assert error.startswith("m2rnn push: error:") and "not a loadable M2RNN checkpoint" in error
     assert fake_hub.requests == []  # nothing was sent
