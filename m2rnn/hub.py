@@ -566,7 +566,7 @@ SKIPPED_SUFFIXES = (".tmp", ".pyc")
 PROBE_TIMEOUT = 10.0  # seconds the one reachability check of the Hub may take before `push` gives up
 
 
-class PushError(RuntimeError):
+class PushError(OSError):
     """An upload that failed; the message says in one line what failed and what to do."""
 
 
@@ -696,17 +696,39 @@ def push_to_hub(
     return info
 
 
-def _probe_hub(endpoint: str, repo_id: str) -> None:
-    """One quick request (PROBE_TIMEOUT): any answer means the Hub is reachable. huggingface_hub's own calls have
-    no timeout and retry failed connections for half a minute, which offline is only a longer wait for the same
-    error."""
+def hub_unreachable(endpoint: str | None = None, path: str = "/api/models") -> str | None:
+    """Why the Hub at `endpoint` (default: huggingface_hub's) cannot be reached, or None when one quick request
+    (PROBE_TIMEOUT) got any answer, or when HF_HUB_OFFLINE is set (then the libraries use their caches and try
+    nothing). huggingface_hub's own calls have no timeout and retry a failed connection for half a minute, which
+    offline is only a longer wait for the same error."""
+    import httpx2
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
     if constants.is_offline_mode():
+        return None
+    endpoint = endpoint or constants.ENDPOINT
+    try:
+        get_session().get(f"{endpoint}{path}", timeout=PROBE_TIMEOUT)
+    except (httpx2.HTTPError, OSError) as error:
+        return f"{type(error).__name__}: {' '.join(str(error).split()) or 'no answer'}"
+    return None
+
+
+def _probe_hub(endpoint: str, repo_id: str) -> None:
+    """Refuse at once, with `PushError`, when HF_HUB_OFFLINE is set or the Hub does not answer (`hub_unreachable`)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
         raise PushError("HF_HUB_OFFLINE is set, so nothing was uploaded; unset it to push, or check the folder "
                         "without uploading: m2rnn push --check-only FOLDER REPO_ID")
-    get_session().get(f"{endpoint}/api/models/{repo_id}", timeout=PROBE_TIMEOUT)
+    reason = hub_unreachable(endpoint, f"/api/models/{repo_id}")
+    if reason:
+        raise PushError(
+            f"cannot reach {endpoint} ({reason}); nothing was uploaded or changed locally. Check the network, or "
+            "validate without uploading: m2rnn push --check-only FOLDER REPO_ID (HF_HUB_OFFLINE=1 makes every Hub "
+            "call fail at once)"
+        )
 
 
 @contextlib.contextmanager

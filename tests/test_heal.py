@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -286,9 +287,16 @@ def test_cli_heals_writes_the_folder_and_refuses_to_overwrite(checkpoints, tmp_p
         ("vocab_mismatch", "teacher and student differ in `vocab_size`: teacher 260, student 300"),
         ("layers_with_swap", "--layers goes with --student"),
         ("missing_file", "does not exist"),
+        ("folder_as_text", "is a folder, not a file (--text-files"),
+        ("binary_text", "is not UTF-8 text"),
+        ("threads_0", "--threads 0 must be at least 1"),
+        ("tokenizer_path", "--tokenizer './no/such/tokenizer': no such tokenizer folder"),
+        ("tokenizer_offline", "--tokenizer 'someone/tokenizer' is not a local tokenizer folder and the Hub cannot be "
+                              "reached"),
+        ("dataset_offline", "--dataset 'someone/corpus' is not a local dataset folder or builder and the Hub cannot"),
     ],
 )
-def test_cli_bad_input_names_the_key(checkpoints, tmp_path, capsys, case, message):
+def test_cli_bad_input_names_the_key(checkpoints, tmp_path, capsys, monkeypatch, case, message):
     student = ["--student", str(checkpoints / "student")]
     output = tmp_path / "out"
     args = heal_args(checkpoints, output, *student)
@@ -308,8 +316,32 @@ def test_cli_bad_input_names_the_key(checkpoints, tmp_path, capsys, case, messag
         args = heal_args(checkpoints, output, "--swap-layers", "1", "--layers", "1")
     elif case == "missing_file":
         args[args.index("--text-files") + 1] = str(tmp_path / "nope.txt")
+    elif case == "folder_as_text":
+        (tmp_path / "texts").mkdir()
+        args[args.index("--text-files") + 1] = str(tmp_path / "texts")
+    elif case == "binary_text":
+        (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not text")
+        args[args.index("--text-files") + 1] = str(tmp_path / "binary.txt")
+    elif case == "threads_0":
+        args += ["--threads", "0"]
+    elif case.startswith(("tokenizer", "dataset")):
+        import huggingface_hub
+
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # refused at once
+        monkeypatch.chdir(tmp_path)
+        if case == "tokenizer_path":
+            args += ["--tokenizer", "./no/such/tokenizer"]
+        elif case == "tokenizer_offline":
+            args += ["--tokenizer", "someone/tokenizer"]
+        else:
+            files = args.index("--text-files")
+            args[files: files + 3] = ["--dataset", "someone/corpus"]
+    capsys.readouterr()  # the test's own saves above
+    started = time.monotonic()
     assert main(args) == 1
-    assert message in capsys.readouterr().err
+    assert time.monotonic() - started < 30  # no half minute of retries
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
     assert not output.exists()
 
 

@@ -119,7 +119,10 @@ def run_heal(args: argparse.Namespace) -> int:
     from .healing import mean_layer_mse
     from .run import heal_checkpoint
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"m2rnn heal: error: --threads {args.threads} must be at least 1", file=sys.stderr)
+            return 1
         torch.set_num_threads(args.threads)
     try:
         if args.layers is not None and args.student is None:
@@ -146,7 +149,7 @@ def run_heal(args: argparse.Namespace) -> int:
             eval_fraction=args.eval_fraction, dtype=args.dtype, device=str(device), overwrite=args.overwrite,
         )
     except HealError as error:
-        print(f"m2rnn heal: error: {error}", file=sys.stderr)
+        print(f"m2rnn heal: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     before, after = result.before, result.after
     print(f"healed layers {result.layers}; wrote {args.output} (model, tokenizer, results.json, results.md, "

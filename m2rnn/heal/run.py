@@ -22,7 +22,7 @@ import torch
 from ..model_card import hub_repo_id
 from ..modeling_m2rnn import M2RNNForCausalLM
 from ..utils import check_output, parse_dtype, staged_output
-from .data import HealError, TextBlocks, TextSource, load_text_blocks
+from .data import HealError, TextBlocks, TextSource, check_hub_name, load_text_blocks
 from .healing import HealResult, HealSettings, describe_plan, heal, swapped_layers
 from .report import write_results
 
@@ -111,10 +111,11 @@ def resolve_tokenizer(explicit: str | None, model_folders: Sequence[str | os.Pat
             raise HealError(
                 f"no tokenizer files in {[str(f) for f in model_folders]}; pass --tokenizer (a folder or hub name)"
             )
+    check_hub_name(source, "--tokenizer", "tokenizer folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
-        raise HealError(f"tokenizer {source!r} could not be loaded: {error}") from error
+        raise HealError(f"tokenizer {source!r} could not be loaded: {' '.join(str(error).split())}") from error
     if len(tokenizer) > vocab_size:
         raise HealError(f"tokenizer {source!r} has {len(tokenizer)} tokens but the model's vocab_size={vocab_size}")
     return tokenizer
