@@ -570,14 +570,14 @@ class PushError(OSError):
     """An upload that failed; the message says in one line what failed and what to do."""
 
 
-def check_repo_id(repo_id: str) -> None:
-    """Refuse a repo id the Hub would refuse (huggingface_hub's own rules), naming it."""
+def check_repo_id(repo_id: str, option: str = "REPO_ID") -> None:
+    """Refuse a repo id the Hub would refuse (huggingface_hub's own rules), naming it and the `option` it came from."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise FolderCheckError(f"REPO_ID {repo_id!r} is not a valid Hub repo id ('name' or 'namespace/name'; "
+        raise FolderCheckError(f"{option} {repo_id!r} is not a valid Hub repo id ('name' or 'namespace/name'; "
                                f"letters, digits, '-', '_', '.'): {' '.join(str(error).split())}") from error
 
 
@@ -828,6 +828,8 @@ def _read_json_argument(path: str | None, option: str) -> Any:
 def _run_card(args: argparse.Namespace) -> int:
     from .model_card import folder_card, write_model_card
 
+    if args.repo_id is not None:
+        check_repo_id(args.repo_id, "--repo-id")
     render = dict(
         results=_read_json_argument(args.results, "--results"),
         conversion=_read_json_argument(args.conversion, "--conversion"),

@@ -366,11 +366,16 @@ def test_push_uploads_every_file_of_the_folder(pushed):
     assert "m2rnn" in card.data.tags and 'from_pretrained("me/tiny-m2rnn"' in card.text
 
 
-def test_pushed_files_load_without_the_package(pushed, reference_logits):
+def test_pushed_files_load_without_the_package(pushed, reference_logits, monkeypatch):
     """The received folder (byte-identical to the saved one) loads in a `python -I` child, run from another
-    directory, where `import m2rnn` and `import triton` fail, with logits equal to the original model's."""
+    directory, where `import m2rnn` and `import triton` fail, with logits equal to the original model's. The
+    child's result is read back with `torch.load(weights_only=True)`: no pickle runs code here."""
     _, received, _ = pushed
+    calls = []
+    original_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: calls.append(kwargs) or original_load(*args, **kwargs))
     logits = load_without_package(received, INPUT_IDS)
+    assert calls == [{"weights_only": True}]
     torch.testing.assert_close(logits, reference_logits, rtol=0, atol=0)
 
 
@@ -511,8 +516,8 @@ def test_push_entry_point_offline_fails_fast_in_one_line(fresh_folder, offline):
 # ---------------------------------------------------------------------------------------------------------------
 # card: only for M2RNN checkpoints; provenance of converted models
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["empty", "llama", "missing", "list_config"])
-def test_card_refuses_a_folder_that_is_not_an_m2rnn_checkpoint(tmp_path, case, capsys):
+@pytest.mark.parametrize("case", ["empty", "llama", "missing", "list_config", "bad_repo_id"])
+def test_card_refuses_a_folder_that_is_not_an_m2rnn_checkpoint(tiny_model, tmp_path, case, capsys):
     """Today's main invents an M2RNN card for any folder, and --write puts it there."""
     folder = tmp_path / "folder"
     if case != "missing":
@@ -522,7 +527,17 @@ def test_card_refuses_a_folder_that_is_not_an_m2rnn_checkpoint(tmp_path, case, c
     elif case == "list_config":
         (folder / "config.json").write_text("[1, 2]")
     expected = {"empty": "no config.json", "llama": "model_type='llama', not an M2RNN checkpoint",
-                "missing": "is not a folder", "list_config": "not a JSON object"}[case]
+                "missing": "is not a folder", "list_config": "not a JSON object",
+                "bad_repo_id": "--repo-id 'me/bad id' is not a valid Hub repo id"}[case]
+    if case == "bad_repo_id":  # a card whose snippets name a repo that cannot exist
+        folder.rmdir()
+        tiny_model.save_pretrained(folder)
+        (folder / "README.md").unlink()
+        for write in ([], ["--write"]):
+            assert cli_main(["card", str(folder), "--repo-id", "me/bad id", *write]) == 1
+            assert expected in capsys.readouterr().err
+        assert not (folder / "README.md").exists()
+        return
     for write in ([], ["--write"]):
         assert cli_main(["card", str(folder), *write]) == 1
         out, err = capsys.readouterr()
