@@ -61,18 +61,18 @@ def add_heal_command(subparsers: argparse._SubParsersAction) -> None:
 
     train = p.add_argument_group("training")
     train.add_argument("--stage1-steps", type=int, default=None, help=f"layer-matching steps {_by_device('stage1_steps')}")
-    train.add_argument("--stage1-lr", type=float, default=DEFAULTS.stage1_lr, help="(default: %(default)s)")
+    train.add_argument("--stage1-lr", type=float, default=DEFAULTS.stage1_lr, help="peak learning rate of stage 1 (default: %(default)s)")
     train.add_argument("--stage2", choices=STAGE2_MODES, default=DEFAULTS.stage2,
                        help="distillation with LoRA adapters, all parameters, or no stage 2 (default: %(default)s)")
     train.add_argument("--stage2-steps", type=int, default=None, help=f"distillation steps {_by_device('stage2_steps')}")
-    train.add_argument("--stage2-lr", type=float, default=DEFAULTS.stage2_lr, help="(default: %(default)s)")
+    train.add_argument("--stage2-lr", type=float, default=DEFAULTS.stage2_lr, help="peak learning rate of stage 2 (default: %(default)s)")
     train.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
                        help="distillation temperature (default: %(default)s)")
     train.add_argument("--ce-weight", type=float, default=DEFAULTS.ce_weight,
                        help="weight of the LM loss added to the KL in stage 2 (default: %(default)s)")
-    train.add_argument("--lora-rank", type=int, default=DEFAULTS.lora_rank, help="(default: %(default)s)")
-    train.add_argument("--lora-alpha", type=float, default=DEFAULTS.lora_alpha, help="(default: %(default)s)")
-    train.add_argument("--lora-dropout", type=float, default=DEFAULTS.lora_dropout, help="(default: %(default)s)")
+    train.add_argument("--lora-rank", type=int, default=DEFAULTS.lora_rank, help="LoRA rank (default: %(default)s)")
+    train.add_argument("--lora-alpha", type=float, default=DEFAULTS.lora_alpha, help="LoRA alpha (default: %(default)s)")
+    train.add_argument("--lora-dropout", type=float, default=DEFAULTS.lora_dropout, help="LoRA dropout (default: %(default)s)")
     train.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
                        help="comma-separated linear layer names (default: %(default)s)")
     train.add_argument("--new-layers", choices=NEW_LAYER_MODES, default=DEFAULTS.new_layers,
@@ -81,7 +81,7 @@ def add_heal_command(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=int, default=None, help=f"blocks per step {_by_device('batch_size')}")
     train.add_argument("--eval-every", type=int, default=None,
                        help=f"steps between held-out evaluations {_by_device('eval_every')}")
-    train.add_argument("--seed", type=int, default=DEFAULTS.seed, help="(default: %(default)s)")
+    train.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the data order and new layers (default: %(default)s)")
 
     run = p.add_argument_group("run")
     run.add_argument("--dtype", default="float32",
