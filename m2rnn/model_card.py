@@ -215,7 +215,7 @@ def _memory_summary(config: M2RNNConfig, memory: list[LayerMemory]) -> str:
 def hub_repo_id(source: Any) -> str | None:
     """`source` when it reads as a Hub repo id (`name` or `namespace/name`), None for a local path: only a repo id
     can be the card's `base_model` and a huggingface.co link."""
-    if not isinstance(source, str) or source.startswith((".", "/", "~")) or os.sep in source.replace("/", "", 1):
+    if not isinstance(source, str) or source.startswith((".", "/", "~")):
         return None
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 

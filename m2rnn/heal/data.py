@@ -124,7 +124,7 @@ def check_hub_name(name: str, option: str, local_kind: str) -> None:
 
     if Path(name).expanduser().exists():
         return
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise HealError(f"{option} {name!r}: no such {local_kind}")
     reason = hub_unreachable()
     if reason:
