@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import re
@@ -29,9 +30,10 @@ import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable
 
-from .utils import staged_folder
+from .utils import OUTPUT_MARKER, PARTIAL_MARKER, current_umask, staged_output
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -252,12 +254,17 @@ def write_code(folder: str | os.PathLike) -> list[str]:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to a temporary file next to `path`, then rename it over `path`: a failure never leaves half a file."""
+    """Write `text` to a temporary file next to `path`, then rename it over `path`: a failure never leaves half a file.
+
+    The file gets the mode a plain `open(path, "w")` would give it: the existing file's, else 0666 minus the umask
+    (mkstemp's own 0600 would make a shared checkpoint folder unreadable to others)."""
     path = Path(path)
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~current_umask()
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as f:
             f.write(text)
+            os.fchmod(f.fileno(), mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -290,14 +297,36 @@ def save_pretrained_with_hub_files(
     push = kwargs.pop("push_to_hub", False)
     hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "token", "revision") if key in kwargs}
     kwargs.setdefault("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
+    modes = _file_modes(save_directory)
     parent_save(save_directory, *args, **kwargs)
     is_main_process = args[0] if args else kwargs.get("is_main_process", True)
     if not is_main_process:
         return
     write_hub_files(save_directory, model.config, num_parameters=model.num_parameters())  # no meta-device rebuild
+    restore_file_modes(save_directory, modes)
     if push:
         repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
         push_to_hub(save_directory, repo_id, **hub_kwargs)
+
+
+def _file_modes(folder: str | os.PathLike) -> dict[str, int]:
+    """`{name: permission bits}` of the regular files directly in `folder` (empty when it does not exist)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {p.name: p.stat().st_mode & 0o7777 for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
+
+
+def restore_file_modes(folder: str | os.PathLike, before: dict[str, int]) -> None:
+    """Give the files of `folder` the modes a plain `open(path, "w")` would have: a file that was there keeps its
+    mode (`before`, from `_file_modes`), a new one gets 0666 minus the umask. safetensors and mkstemp write 0600
+    files, which would make a shared or served checkpoint unreadable to others."""
+    default = 0o666 & ~current_umask()
+    for path in Path(folder).iterdir():
+        if path.is_file() and not path.is_symlink():
+            wanted = before.get(path.name, default)
+            if path.stat().st_mode & 0o7777 != wanted:
+                path.chmod(wanted)
 
 
 def write_hub_files(folder: str | os.PathLike, config: Any | None = None, **card_kwargs: Any) -> None:
@@ -327,14 +356,13 @@ def save_for_hub(
     tokenizer, and a model card (with `results` / `conversion` metadata when given, see `m2rnn.model_card`).
 
     Everything is written to a temporary sibling folder and renamed into place, so a failure leaves `folder` as it
-    was. An existing non-empty `folder` is replaced only with `overwrite=True`.
+    was. An existing `folder` is replaced only with `overwrite=True`, and only when m2rnn wrote it
+    (`m2rnn.utils.staged_output`).
     """
     from .model_card import write_model_card
 
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"save_for_hub: {folder} exists and is not empty; pass overwrite=True to replace it")
-    with staged_folder(folder) as staging:
+    with staged_output(folder, overwrite=overwrite, option="folder") as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         write_code(staging)  # our save_pretrained has written them already; cheap, and sure for any PreTrainedModel
         add_auto_map(staging)
@@ -540,13 +568,90 @@ def load_without_package(
         result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
             raise RuntimeError(f"exit status {result.returncode}:\n{(result.stdout + result.stderr)[-4000:]}")
-        return torch.load(output)["logits"]
+        return torch.load(output, weights_only=True)["logits"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pushing
 # ---------------------------------------------------------------------------------------------------------------
-UPLOAD_IGNORE = [".*", "**/.*", "__pycache__/*", "*.tmp", "*.pyc"]
+SKIPPED_NAMES = frozenset({"__pycache__", OUTPUT_MARKER, PARTIAL_MARKER})
+SKIPPED_SUFFIXES = (".tmp", ".pyc")
+PROBE_TIMEOUT = 10.0  # seconds the one reachability check of the Hub may take before `push` gives up
+
+
+class PushError(OSError):
+    """An upload that failed; the message says in one line what failed and what to do."""
+
+
+def check_repo_id(repo_id: str, option: str = "REPO_ID") -> None:
+    """Refuse a repo id the Hub would refuse (huggingface_hub's own rules), naming it and the `option` it came from."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise FolderCheckError(f"{option} {repo_id!r} is not a valid Hub repo id ('name' or 'namespace/name'; "
+                               f"letters, digits, '-', '_', '.'): {' '.join(str(error).split())}") from error
+
+
+def upload_files(folder: str | os.PathLike, *, allow_pickles: bool = False) -> dict[str, Path]:
+    """`{path in the repo: local file}` for everything `push` uploads from `folder`.
+
+    Hidden files and folders, `__pycache__`, temporary files and m2rnn's own markers stay behind. Refused, with
+    every offender listed (`FolderCheckError`): a symlink whose target lies outside `folder` (its content is not
+    part of the checkpoint), a symlink that points nowhere, a symlinked folder, and, unless `allow_pickles`,
+    pickle files in subfolders (e.g. a Trainer's `checkpoint-10/optimizer.pt`; top-level pickled weights are
+    refused by `check_folder` in any case).
+    """
+    root = Path(folder).resolve()
+    files: dict[str, Path] = {}
+    outside, dangling, linked_folders, pickles = [], [], [], []
+    for directory, subfolders, names in os.walk(root):
+        here = Path(directory)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d not in SKIPPED_NAMES)
+        for name in list(subfolders):
+            if (here / name).is_symlink():
+                linked_folders.append((here / name).relative_to(root).as_posix())
+                subfolders.remove(name)
+        for name in sorted(names):
+            path = here / name
+            relative = path.relative_to(root).as_posix()
+            if name.startswith(".") or name in SKIPPED_NAMES or name.endswith(SKIPPED_SUFFIXES):
+                continue
+            if path.is_symlink():
+                target = Path(os.path.realpath(path))
+                if not target.is_file():
+                    dangling.append(relative)
+                    continue
+                if root not in target.parents:
+                    outside.append(f"{relative} -> {target}")
+                    continue
+            if path.suffix in PICKLE_SUFFIXES and here != root and not allow_pickles:
+                pickles.append(relative)
+                continue
+            files[relative] = path
+    problems = []
+    if outside:
+        problems.append(f"symlinks to files outside the folder (copy the files in instead): {outside}")
+    if dangling:
+        problems.append(f"symlinks that point nowhere: {dangling}")
+    if linked_folders:
+        problems.append(f"symlinked folders (copy them in instead): {linked_folders}")
+    if pickles:
+        problems.append(f"pickle files in subfolders (they run code when loaded; remove them, or pass --allow-pickles "
+                        f"(allow_pickles=True) to upload them): {pickles}")
+    if problems:
+        raise FolderCheckError(f"{folder}: refused to upload:\n- " + "\n- ".join(problems))
+    return files
+
+
+def check_push(folder: str | os.PathLike, repo_id: str, *, load: bool = False,
+               allow_pickles: bool = False) -> dict[str, Path]:
+    """Everything `push_to_hub` checks before it touches the network or the folder: the repo id, the checkpoint
+    (`check_folder`, with `load`) and the files to upload (`upload_files`, returned)."""
+    check_repo_id(repo_id)
+    check_folder(folder, load=load)
+    return upload_files(folder, allow_pickles=allow_pickles)
 
 
 def push_to_hub(
@@ -559,32 +664,104 @@ def push_to_hub(
     token: str | bool | None = None,
     create_pr: bool = False,
     load_check: bool = False,
+    check_only: bool = False,
+    allow_pickles: bool = False,
     endpoint: str | None = None,
 ) -> Any:
-    """Check `folder` (`check_folder`), create the model repo if needed (and the branch `revision`), and upload the
-    folder in one commit. Returns huggingface_hub's `CommitInfo`.
+    """Check (`check_push`), create the model repo if needed (and the branch `revision`), and upload the folder in
+    one commit. Returns huggingface_hub's `CommitInfo`, or None with `check_only` (checks only: nothing is changed
+    and nothing is sent).
 
-    `load_check=True` also loads the folder in a process without our package before uploading anything.
+    `load_check=True` also loads the folder in a process without our package before uploading anything. A
+    generated model card is re-rendered so its snippets name `repo_id`; that card is uploaded from memory and
+    written into the folder only once the upload has succeeded. The Hub is tried once: when it cannot be reached,
+    `PushError` says so in one line.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     from . import __version__
+    from .model_card import folder_card
 
     folder = Path(folder)
-    check_folder(folder, load=load_check)
-    _update_card_repo_id(folder, repo_id)
+    files = check_push(folder, repo_id, load=load_check, allow_pickles=allow_pickles)
+    card = folder_card(folder, repo_id=repo_id, model_name=repo_id.split("/")[-1])  # None: the user's README
+    if check_only:
+        return None
     api = HfApi(endpoint=endpoint, token=token, library_name=PACKAGE, library_version=__version__)
-    repo_id = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True).repo_id
-    if revision not in (None, "main"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        commit_message=commit_message or f"Upload M2RNN checkpoint (m2rnn {__version__})",
-        revision=revision,
-        create_pr=create_pr,
-        ignore_patterns=UPLOAD_IGNORE,
-    )
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                  for name, path in sorted(files.items()) if not (name == "README.md" and card is not None)]
+    if card is not None:
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+    with _one_line_hub_errors(api.endpoint):
+        _probe_hub(api.endpoint, repo_id)
+        repo_id = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True).repo_id
+        if revision not in (None, "main"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=commit_message or f"Upload M2RNN checkpoint (m2rnn {__version__})",
+            revision=revision,
+            create_pr=create_pr,
+        )
+    if card is not None and (folder / "README.md").read_text(encoding="utf-8") != card:
+        atomic_write_text(folder / "README.md", card)  # the local card now names the repo it was pushed to
+    return info
+
+
+def hub_unreachable(endpoint: str | None = None, path: str = "/api/models") -> str | None:
+    """Why the Hub at `endpoint` (default: huggingface_hub's) cannot be reached, or None when one quick request
+    (PROBE_TIMEOUT) got any answer, or when HF_HUB_OFFLINE is set (then the libraries use their caches and try
+    nothing). huggingface_hub's own calls have no timeout and retry a failed connection for half a minute, which
+    offline is only a longer wait for the same error."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.is_offline_mode():
+        return None
+    endpoint = endpoint or constants.ENDPOINT
+    try:
+        get_session().get(f"{endpoint}{path}", timeout=PROBE_TIMEOUT)
+    except (httpx2.HTTPError, OSError) as error:
+        return f"{type(error).__name__}: {' '.join(str(error).split()) or 'no answer'}"
+    return None
+
+
+def _probe_hub(endpoint: str, repo_id: str) -> None:
+    """Refuse at once, with `PushError`, when HF_HUB_OFFLINE is set or the Hub does not answer (`hub_unreachable`)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        raise PushError("HF_HUB_OFFLINE is set, so nothing was uploaded; unset it to push, or check the folder "
+                        "without uploading: m2rnn push --check-only FOLDER REPO_ID")
+    reason = hub_unreachable(endpoint, f"/api/models/{repo_id}")
+    if reason:
+        raise PushError(
+            f"cannot reach {endpoint} ({reason}); nothing was uploaded or changed locally. Check the network, or "
+            "validate without uploading: m2rnn push --check-only FOLDER REPO_ID (HF_HUB_OFFLINE=1 makes every Hub "
+            "call fail at once)"
+        )
+
+
+@contextlib.contextmanager
+def _one_line_hub_errors(endpoint: str) -> Iterator[None]:
+    """Turn a failed Hub request into one `PushError` line: what failed, that nothing local changed, what to try."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        yield
+    except PushError:
+        raise
+    except (HfHubHTTPError, OfflineModeIsEnabled, httpx2.HTTPError, OSError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        reason = reason.split(" For more details, see")[0][:300]
+        raise PushError(
+            f"upload to {endpoint} failed ({type(error).__name__}: {reason}); nothing was changed locally. Check the "
+            "network and your token (HF_TOKEN or `hf auth login`), or validate without uploading: "
+            "m2rnn push --check-only FOLDER REPO_ID (HF_HUB_OFFLINE=1 makes every Hub call fail at once)"
+        ) from error
 
 
 def push_model_to_hub(
@@ -598,17 +775,11 @@ def push_model_to_hub(
     **push_kwargs: Any,
 ) -> Any:
     """`save_for_hub` into a temporary folder, then `push_to_hub` it."""
+    check_repo_id(repo_id)
     with tempfile.TemporaryDirectory(prefix="m2rnn-push-") as scratch:
         folder = save_for_hub(model, Path(scratch) / repo_id.split("/")[-1], tokenizer, max_shard_size=max_shard_size,
                               results=results, conversion=conversion)
         return push_to_hub(folder, repo_id, **push_kwargs)
-
-
-def _update_card_repo_id(folder: Path, repo_id: str) -> None:
-    """Re-render a generated card so its snippets name the repo it is pushed to (user-written cards are kept)."""
-    from .model_card import write_model_card
-
-    write_model_card(folder, repo_id=repo_id, model_name=repo_id.split("/")[-1], overwrite_user_card=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -619,12 +790,14 @@ def add_hub_commands(subparsers: argparse._SubParsersAction) -> None:
     card = subparsers.add_parser(
         "card",
         help="print (or with --write, rewrite) the model card of a saved checkpoint",
-        description="Render the model card of the M2RNN checkpoint in FOLDER from its config.json (and conversion "
-        "metadata stored there), with evaluation results from --results. Prints it, or with --write replaces "
-        "FOLDER/README.md atomically.",
+        description="Render the model card of the M2RNN checkpoint in FOLDER from its config.json (and the "
+        "provenance stored there as `conversion` by convert and heal), with evaluation results from --results. "
+        "Prints it, or with --write replaces FOLDER/README.md atomically. Refuses a folder that is not an M2RNN "
+        "checkpoint.",
     )
     card.add_argument("folder", metavar="FOLDER")
-    card.add_argument("--results", metavar="JSON", help="lm-eval output or {task: {metric: value}} to tabulate")
+    card.add_argument("--results", metavar="JSON", help="lm-eval output or {task: {metric: value}} to tabulate "
+                      "(default: the results already in a generated card)")
     card.add_argument("--conversion", metavar="JSON", help="conversion metadata (default: config.json's `conversion`)")
     card.add_argument("--repo-id", help="repo id used in the usage snippets (default: a placeholder)")
     card.add_argument("--license", help="license id for the metadata (default: the card's, else apache-2.0)")
@@ -635,17 +808,24 @@ def add_hub_commands(subparsers: argparse._SubParsersAction) -> None:
     push = subparsers.add_parser(
         "push",
         help="check a saved checkpoint and upload it to the Hugging Face Hub",
-        description="Check that FOLDER is a loadable M2RNN checkpoint (config, flat code, weights), create REPO_ID "
-        "if needed and upload FOLDER in one commit. Uses HF_TOKEN / `hf auth login` for credentials.",
+        description="Check REPO_ID and that FOLDER is a loadable M2RNN checkpoint (config, flat code, weights, no "
+        "symlinks leaving it, no pickles in subfolders), create REPO_ID if needed and upload FOLDER in one commit. "
+        "Nothing in FOLDER changes before the upload succeeded (then a generated README.md names REPO_ID). Uses "
+        "HF_TOKEN / `hf auth login` for credentials.",
     )
     push.add_argument("folder", metavar="FOLDER")
     push.add_argument("repo_id", metavar="REPO_ID")
-    push.add_argument("--private", action="store_true", help="create the repo private")
-    push.add_argument("--revision", help="branch to push to (created if missing; default: main)")
-    push.add_argument("--commit-message", help="commit message")
+    push.add_argument("--private", action="store_true", help="create the repo private (default: public)")
+    push.add_argument("--revision", help="branch to push to, created if missing (default: main)")
+    push.add_argument("--commit-message", help="commit message (default: 'Upload M2RNN checkpoint (m2rnn VERSION)')")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--load-check", action="store_true",
                       help="also load FOLDER with trust_remote_code in a process without m2rnn before uploading")
+    push.add_argument("--check-only", action="store_true",
+                      help="validate REPO_ID and FOLDER and load-check it; change nothing, upload nothing")
+    push.add_argument("--allow-pickles", action="store_true",
+                      help="upload pickle files found in subfolders (e.g. checkpoint-*/optimizer.pt); refused by "
+                      "default. Top-level pickled weights are always refused")
     push.set_defaults(func=_run_push)
 
 
@@ -655,13 +835,14 @@ def _read_json_argument(path: str | None, option: str) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise SystemExit(f"m2rnn: {option} {path}: {error}") from error
+        raise ValueError(f"{option} {path}: {' '.join(str(error).split())}") from error
 
 
 def _run_card(args: argparse.Namespace) -> int:
-    from .configuration_m2rnn import M2RNNConfig
-    from .model_card import ModelCardError, render_model_card, write_model_card
+    from .model_card import folder_card, write_model_card
 
+    if args.repo_id is not None:
+        check_repo_id(args.repo_id, "--repo-id")
     render = dict(
         results=_read_json_argument(args.results, "--results"),
         conversion=_read_json_argument(args.conversion, "--conversion"),
@@ -669,28 +850,23 @@ def _run_card(args: argparse.Namespace) -> int:
         model_name=args.repo_id.split("/")[-1] if args.repo_id else Path(args.folder).resolve().name,
         license=args.license,
     )
-    try:
-        if args.write:
-            written = write_model_card(args.folder, overwrite_user_card=args.force, **render)
-            if written is None:
-                print(f"m2rnn card: {Path(args.folder) / 'README.md'} was not written by m2rnn; use --force to replace it",
-                      file=sys.stderr)
-                return 1
-            print(f"wrote {written}")
-        else:
-            print(render_model_card(M2RNNConfig.from_pretrained(args.folder), **render))
-    except (ModelCardError, OSError, ValueError) as error:
-        print(f"m2rnn card: {error}", file=sys.stderr)
-        return 1
+    if args.write:
+        written = write_model_card(args.folder, overwrite_user_card=args.force, **render)
+        if written is None:
+            raise ValueError(f"{Path(args.folder) / 'README.md'} was not written by m2rnn; --force replaces it")
+        print(f"wrote {written}")
+    else:
+        print(folder_card(args.folder, overwrite_user_card=True, **render))
     return 0
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    try:
-        info = push_to_hub(args.folder, args.repo_id, private=args.private or None, revision=args.revision,
-                           commit_message=args.commit_message, create_pr=args.create_pr, load_check=args.load_check)
-    except FolderCheckError as error:
-        print(f"m2rnn push: refused: {error}", file=sys.stderr)
-        return 1
-    print(getattr(info, "commit_url", info))
+    info = push_to_hub(args.folder, args.repo_id, private=args.private or None, revision=args.revision,
+                       commit_message=args.commit_message, create_pr=args.create_pr,
+                       load_check=args.load_check or args.check_only, check_only=args.check_only,
+                       allow_pickles=args.allow_pickles)
+    if args.check_only:
+        print(f"{args.folder}: ready to push to {args.repo_id} (checked and load-checked; nothing was uploaded)")
+    else:
+        print(getattr(info, "commit_url", info))
     return 0

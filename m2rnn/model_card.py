@@ -212,16 +212,42 @@ def _memory_summary(config: M2RNNConfig, memory: list[LayerMemory]) -> str:
     return "\n".join(lines)
 
 
+def hub_repo_id(source: Any) -> str | None:
+    """`source` when it reads as a Hub repo id (`name` or `namespace/name`), None for a local path: only a repo id
+    can be the card's `base_model` and a huggingface.co link."""
+    if not isinstance(source, str) or source.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return None
+    return source
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {_describe(item)}" for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_describe(item) for item in value)
+    return str(value)
+
+
 def _provenance(conversion: dict[str, Any]) -> str:
     if not conversion:
         return (
             "Built with the `m2rnn` package from an `M2RNNConfig` with the paper's initialisation "
             "(N(0, 0.02), residual outputs scaled by 1/√(2L), state weight W = I, D = 1)."
         )
-    source = conversion.get("source", "an unnamed checkpoint")
+    source = conversion.get("source")
     kind = f" (`{conversion['source_model_type']}`)" if conversion.get("source_model_type") else ""
-    lines = [f"- **Converted from** [{source}](https://huggingface.co/{source}){kind} with `m2rnn` conversion."
-             if "source" in conversion else f"- **Converted from** {source}{kind}."]
+    if hub_repo_id(source):
+        lines = [f"- **Converted from** [{source}](https://huggingface.co/{source}){kind} with `m2rnn` conversion."]
+    elif source:
+        lines = [f"- **Converted from** `{source}`{kind} (a local checkpoint) with `m2rnn` conversion."]
+    else:
+        lines = [f"- **Converted from** an unnamed checkpoint{kind}."]
     swapped = conversion.get("swapped_layers") or []
     if swapped:
         lines.append(f"- **Swapped layers** (mixer replaced by M2RNN): {', '.join(map(str, swapped))}.")
@@ -229,7 +255,7 @@ def _provenance(conversion: dict[str, Any]) -> str:
         lines.append(f"- **Initialisation of the new layers:** {conversion['init']}")
     healing = conversion.get("healing")
     if isinstance(healing, dict):
-        lines.append("- **Healing:** " + ", ".join(f"{key} = {value}" for key, value in healing.items()) + ".")
+        lines.append("- **Healing:** " + "; ".join(f"{key} = {_describe(value)}" for key, value in healing.items()) + ".")
     elif healing:
         lines.append(f"- **Healing:** {healing}")
     else:
@@ -299,7 +325,7 @@ def render_model_card(
         pipeline_tag="text-generation",
         license=license or conversion.get("license") or DEFAULT_LICENSE,
         tags=tags,
-        base_model=conversion.get("source"),
+        base_model=hub_repo_id(conversion.get("source")),
         datasets=datasets or None,
         model_name=model_name if results else None,
         eval_results=_eval_results(results) or None,
@@ -334,6 +360,52 @@ def is_generated_card(path: str | os.PathLike) -> bool:
     return path.is_file() and CARD_MARKER in path.read_text(encoding="utf-8", errors="replace")
 
 
+def m2rnn_config(folder: str | os.PathLike) -> M2RNNConfig:
+    """The config of the M2RNN checkpoint in `folder`; `ModelCardError` naming the folder when it is none (no
+    config.json, not JSON, or another `model_type`), so no card is ever invented for a folder that is not ours."""
+    from .configuration_m2rnn import M2RNNConfig
+
+    path = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise ModelCardError(f"{str(folder)!r} is not a folder")
+    if not path.is_file():
+        raise ModelCardError(f"{str(folder)!r} holds no config.json: not a saved model (save it with save_pretrained, "
+                             "or m2rnn convert it)")
+    try:
+        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as error:
+        raise ModelCardError(f"{path}: not a JSON object ({error})") from error
+    if model_type != M2RNNConfig.model_type:
+        raise ModelCardError(f"{path}: model_type={model_type!r}, not an M2RNN checkpoint ('m2rnn'); "
+                             "convert it first (m2rnn convert)")
+    return M2RNNConfig.from_pretrained(folder)
+
+
+def folder_card(
+    folder: str | os.PathLike,
+    *,
+    config: M2RNNConfig | None = None,
+    overwrite_user_card: bool = False,
+    **render_kwargs: Any,
+) -> str | None:
+    """The text `write_model_card` would write into `folder`/README.md, or None when that README is the user's and
+    is kept. Nothing is written. Results already in a generated card (and its license and datasets) are kept when
+    no new ones are given."""
+    folder = Path(folder)
+    readme = folder / "README.md"
+    if readme.exists() and not overwrite_user_card and not is_generated_card(readme):
+        return None
+    config = config if config is not None else m2rnn_config(folder)
+    if is_generated_card(readme):  # keep what only the previous render knew
+        previous = ModelCard.load(readme)
+        for key, value in (("results", results_from_card(previous) or None),
+                           ("license", previous.data.license), ("datasets", previous.data.datasets)):
+            if render_kwargs.get(key) is None:
+                render_kwargs[key] = value
+    render_kwargs.setdefault("model_name", folder.resolve().name)
+    return str(render_model_card(config, **render_kwargs))
+
+
 def write_model_card(
     folder: str | os.PathLike,
     *,
@@ -343,27 +415,15 @@ def write_model_card(
 ) -> Path | None:
     """Render the card of the checkpoint in `folder` (its config.json unless `config` is given) into README.md.
 
-    A README that m2rnn did not write is kept unless `overwrite_user_card`; returns None when it was kept. Results
-    already in a generated card (and its license and datasets) are kept when no new ones are given. The card is rendered in full before anything
-    is written, then written to a temporary file and renamed over README.md, so a failure leaves the old one intact.
+    A README that m2rnn did not write is kept unless `overwrite_user_card`; returns None when it was kept. The card
+    is rendered in full before anything is written (`folder_card`), then written to a temporary file and renamed
+    over README.md, so a failure leaves the old one intact.
     """
     from .hub import atomic_write_text
 
-    folder = Path(folder)
-    readme = folder / "README.md"
-    if readme.exists() and not overwrite_user_card and not is_generated_card(readme):
+    text = folder_card(folder, config=config, overwrite_user_card=overwrite_user_card, **render_kwargs)
+    if text is None:
         return None
-    if config is None:
-        from .configuration_m2rnn import M2RNNConfig
-
-        config = M2RNNConfig.from_pretrained(folder)
-    if is_generated_card(readme):  # keep what only the previous render knew
-        previous = ModelCard.load(readme).data
-        for key, value in (("results", results_from_card(ModelCard.load(readme)) or None),
-                           ("license", previous.license), ("datasets", previous.datasets)):
-            if render_kwargs.get(key) is None:
-                render_kwargs[key] = value
-    render_kwargs.setdefault("model_name", folder.resolve().name)
-    card = render_model_card(config, **render_kwargs)
-    atomic_write_text(readme, str(card))
+    readme = Path(folder) / "README.md"
+    atomic_write_text(readme, text)
     return readme

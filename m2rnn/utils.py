@@ -147,7 +147,7 @@ def staged_folder(target: PathLike) -> Iterator[Path]:
     clean_stale_partials(target)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
     try:
-        staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the result private to its owner
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the result private to its owner
         owner = {"pid": os.getpid(), "host": os.uname().nodename}
         (staging / PARTIAL_MARKER).write_text(json.dumps(owner))
         yield staging
@@ -169,7 +169,8 @@ def staged_output(output: PathLike, inputs: Iterable[PathLike | None] = (), over
         yield staging
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read without changing it): files we create get 0o666 & ~umask, folders 0o777 & ~umask."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -205,7 +206,7 @@ def parse_dtype(name: str) -> "torch.dtype":
     `float`), case-insensitive; a ValueError naming the value and the accepted spellings otherwise."""
     import torch
 
-    canonical = DTYPE_NAMES.get(str(name).strip().lower())
+    canonical = DTYPE_NAMES.get(str(name).strip().lower().removeprefix("torch."))
     if canonical is None:
         raise ValueError(f"dtype {name!r} is not supported; choose one of: {', '.join(DTYPE_NAMES)}")
     return getattr(torch, canonical)

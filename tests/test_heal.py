@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -283,9 +287,16 @@ def test_cli_heals_writes_the_folder_and_refuses_to_overwrite(checkpoints, tmp_p
         ("vocab_mismatch", "teacher and student differ in `vocab_size`: teacher 260, student 300"),
         ("layers_with_swap", "--layers goes with --student"),
         ("missing_file", "does not exist"),
+        ("folder_as_text", "is a folder, not a file (--text-files"),
+        ("binary_text", "is not UTF-8 text"),
+        ("threads_0", "--threads 0 must be at least 1"),
+        ("tokenizer_path", "--tokenizer './no/such/tokenizer': no such tokenizer folder"),
+        ("tokenizer_offline", "--tokenizer 'someone/tokenizer' is not a local tokenizer folder and the Hub cannot be "
+                              "reached"),
+        ("dataset_offline", "--dataset 'someone/corpus' is not a local dataset folder or builder and the Hub cannot"),
     ],
 )
-def test_cli_bad_input_names_the_key(checkpoints, tmp_path, capsys, case, message):
+def test_cli_bad_input_names_the_key(checkpoints, tmp_path, capsys, monkeypatch, case, message):
     student = ["--student", str(checkpoints / "student")]
     output = tmp_path / "out"
     args = heal_args(checkpoints, output, *student)
@@ -305,6 +316,144 @@ def test_cli_bad_input_names_the_key(checkpoints, tmp_path, capsys, case, messag
         args = heal_args(checkpoints, output, "--swap-layers", "1", "--layers", "1")
     elif case == "missing_file":
         args[args.index("--text-files") + 1] = str(tmp_path / "nope.txt")
+    elif case == "folder_as_text":
+        (tmp_path / "texts").mkdir()
+        args[args.index("--text-files") + 1] = str(tmp_path / "texts")
+    elif case == "binary_text":
+        (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not text")
+        args[args.index("--text-files") + 1] = str(tmp_path / "binary.txt")
+    elif case == "threads_0":
+        args += ["--threads", "0"]
+    elif case.startswith(("tokenizer", "dataset")):
+        import huggingface_hub
+
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # refused at once
+        monkeypatch.chdir(tmp_path)
+        if case == "tokenizer_path":
+            args += ["--tokenizer", "./no/such/tokenizer"]
+        elif case == "tokenizer_offline":
+            args += ["--tokenizer", "someone/tokenizer"]
+        else:
+            files = args.index("--text-files")
+            args[files: files + 3] = ["--dataset", "someone/corpus"]
+    capsys.readouterr()  # the test's own saves above
+    started = time.monotonic()
     assert main(args) == 1
-    assert message in capsys.readouterr().err
+    assert time.monotonic() - started < 30  # no half minute of retries
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
     assert not output.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entry point as a user runs it: output safety, provenance, file modes, the plan, progress bars, --help
+# ---------------------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_m2rnn(*args: str, cwd: Path, umask: int | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`m2rnn ARGS` through the installed console script, importing this checkout's package."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(Path(sys.executable).parent / "m2rnn"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("output", ["teacher", "teacher/healed", "."])
+def test_cli_never_writes_over_or_into_an_input(checkpoints, output):
+    """Today's main replaced the teacher with the student (`m2rnn heal T T ... --overwrite`)."""
+    before = _tree(checkpoints / "teacher")
+    result = run_m2rnn("heal", "teacher", output, "--swap-layers", "1", "--text-files", "part1.txt", "--overwrite",
+                       cwd=checkpoints)
+    assert result.returncode == 1, result.stderr
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("m2rnn heal: error: OUT"), result.stderr
+    assert _tree(checkpoints / "teacher") == before
+    assert not list(checkpoints.glob(".*.partial")) and not list(checkpoints.glob("teacher/.*"))
+
+
+def test_cli_entry_point_records_provenance_prints_its_plan_and_honours_the_umask(checkpoints, tmp_path):
+    """Default flags (progress bars on), a converted student: the healed config keeps the conversion and adds the
+    healing, the card says so, the plan and estimate come first, every file is 0644 under umask 022."""
+    from transformers import AutoConfig
+
+    student = tmp_path / "converted"
+    model = AutoModelForCausalLM_from(checkpoints / "student")
+    model.config.conversion = {"source": "Qwen/Qwen3.5-0.8B", "source_model_type": "qwen3_5", "swapped_layers": [1],
+                               "init": "transplanted from the Gated DeltaNet layer", "license": "apache-2.0"}
+    model.save_pretrained(student)
+    result = run_m2rnn(
+        "heal", str(checkpoints / "teacher"), "healed", "--student", str(student), "--text-files",
+        str(checkpoints / "part1.txt"), "--block-size", "16", "--batch-size", "4", "--stage1-steps", "3",
+        "--stage2-steps", "2", "--eval-every", "2", "--max-eval-blocks", "2", "--dtype", "fp32",
+        cwd=tmp_path, umask=0o022,
+    )
+    assert result.returncode == 0, result.stderr
+    plan = [line for line in result.stderr.splitlines() if line.startswith("m2rnn heal: ")]
+    assert [line.split(":")[1].split()[0] for line in plan] == ["healing", "data", "stage", "estimate"], result.stderr
+    assert "blocks of 16 tokens" in plan[1] and "3 steps" in plan[2] and "about" in plan[3]
+    assert result.stderr.index("estimate:") < result.stderr.index("stage 1: layer matching:")  # before training
+
+    healed = tmp_path / "healed"
+    conversion = AutoConfig.from_pretrained(healed).conversion
+    assert conversion["source"] == "Qwen/Qwen3.5-0.8B" and conversion["swapped_layers"] == [1]
+    assert conversion["init"].startswith("transplanted") and conversion["license"] == "apache-2.0"
+    assert conversion["healing"]["teacher"] == str(checkpoints / "teacher")
+    assert conversion["healing"]["stages"] == ["stage 1: layer matching (3 steps)",
+                                               "stage 2: distillation (lora) (2 steps)"]
+    card = (healed / "README.md").read_text()
+    assert "**Converted from** [Qwen/Qwen3.5-0.8B]" in card and "**Healing:** teacher = " in card
+    assert "paper's initialisation" not in card
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in healed.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+def AutoModelForCausalLM_from(folder: Path) -> M2RNNForCausalLM:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_no_progress_hides_every_bar_and_the_swap_here_is_recorded(checkpoints, tmp_path, capsys):
+    output = tmp_path / "healed"
+    assert main(heal_args(checkpoints, output, "--swap-layers", "1", "--init", "fresh", "--stage2", "none",
+                          "--dtype", "float32")) == 0
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "Loading weights" not in err and "Writing model shards" not in err, err
+    assert "m2rnn heal: estimate: about" in err
+    conversion = json.loads((output / "config.json").read_text())["conversion"]
+    assert conversion["source"] == str((checkpoints / "teacher").resolve())  # a local folder, never a repo id
+    assert conversion["swapped_layers"] == [1] and conversion["init"].startswith("the paper's initialisation")
+    assert "source_model_type" not in conversion  # the teacher is already an m2rnn folder
+    assert "(a local checkpoint)" in (output / "README.md").read_text()
+
+
+def test_dtype_spellings_and_bad_values(checkpoints, tmp_path, capsys):
+    from m2rnn.heal.run import _dtype
+
+    assert _dtype("bf16") is _dtype("bfloat16") is torch.bfloat16
+    assert _dtype("fp16") is _dtype("float16") is torch.float16 and _dtype("fp32") is torch.float32
+    assert main(heal_args(checkpoints, tmp_path / "out", "--swap-layers", "1", "--dtype", "int8")) == 1
+    assert "--dtype: dtype 'int8' is not one of float32, fp32" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_shows_every_default_and_cpu_defaults_are_small():
+    from m2rnn.cli import build_parser
+    from m2rnn.heal.healing import DEVICE_DEFAULTS
+
+    parser = build_parser()
+    heal_parser = parser._subparsers._group_actions[0].choices["heal"]
+    for action in heal_parser._actions:
+        if action.option_strings and action.nargs != 0 and action.dest not in {"student", "swap_layers", "dataset",
+                                                                                "text_files"}:
+            assert "default" in (action.help or ""), action.option_strings
+    cpu = HealSettings.for_device("cpu")
+    assert (cpu.stage1_steps, cpu.stage2_steps, cpu.batch_size) == tuple(
+        DEVICE_DEFAULTS["cpu"][k] for k in ("stage1_steps", "stage2_steps", "batch_size"))
+    assert HealSettings.for_device("cuda", stage1_steps=7).stage1_steps == 7
+    assert HealSettings.for_device("cuda").stage2_steps == DEVICE_DEFAULTS["gpu"]["stage2_steps"]
+    assert DEVICE_DEFAULTS["cpu"]["block_size"] * DEVICE_DEFAULTS["cpu"]["stage2_steps"] < 10_000  # minutes, not hours

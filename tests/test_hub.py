@@ -7,7 +7,10 @@ import base64
 import contextlib
 import importlib
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx2
@@ -31,6 +34,7 @@ from m2rnn.hub import (
     save_for_hub,
 )
 from m2rnn.model_card import CARD_MARKER, ModelCardError, render_model_card, write_model_card
+from m2rnn.utils import OUTPUT_MARKER, OutputError
 
 INPUT_IDS = [[1, 17, 42, 99, 3, 250, 7, 8]]
 CONVERSION = {
@@ -137,7 +141,7 @@ def test_save_for_hub_writes_a_complete_sharded_folder(hub_folder):
     names = {p.name for p in hub_folder.iterdir()}
     assert {"config.json", "generation_config.json", "README.md", "model.safetensors.index.json"} <= names
     assert len([n for n in names if n.endswith(".safetensors")]) > 1
-    assert not [n for n in names if n.startswith(".")], "temporary files left behind"
+    assert not [n for n in names if n.startswith(".") and n != OUTPUT_MARKER], "temporary files left behind"
     config = json.loads((hub_folder / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP
     for reference in AUTO_MAP.values():
@@ -164,7 +168,7 @@ def test_save_pretrained_keeps_a_user_readme(tiny_model, tmp_path):
 
 def test_save_for_hub_refuses_to_clobber_a_folder(tiny_model, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(OutputError, match="overwrite"):
         save_for_hub(tiny_model, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
@@ -243,7 +247,7 @@ def test_failed_card_write_leaves_the_readme_intact(hub_folder, tmp_path, monkey
     with pytest.raises(OSError, match="disk full"):
         write_model_card(hub_folder, results=LM_EVAL_RESULTS)
     assert readme.read_text() == before
-    assert not [p.name for p in hub_folder.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in hub_folder.iterdir() if p.name.startswith(".") and p.name != OUTPUT_MARKER]
 
 
 def test_cli_card_prints_and_rewrites(hub_folder, tmp_path, capsys):
@@ -280,6 +284,7 @@ class FakeHub:
         self.files: dict[str, dict[str, bytes]] = {}  # "repo@revision" → path → bytes
         self.requests: list[str] = []
         self.unknown: list[str] = []
+        self.refuse_commits = False  # answer 403 to commits, as the Hub does for a repo one cannot write to
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
         path = request.url.path
@@ -291,6 +296,9 @@ class FakeHub:
             return httpx2.Response(200, json={"url": f"{self.endpoint}/{repo_id}"})
         if request.method == "GET" and path == "/api/agent-harnesses":  # huggingface_hub's best-effort user-agent lookup
             return httpx2.Response(404)
+        if request.method == "GET" and path.startswith("/api/models/") and len(path.split("/")) == 5:  # the probe
+            repo_id = "/".join(path.split("/")[3:5])
+            return httpx2.Response(200 if repo_id in self.repos else 404, json={"id": repo_id})
         if request.method == "POST" and path == "/api/validate-yaml":
             return httpx2.Response(200, json={"errors": [], "warnings": []})
         parts = path.split("/")
@@ -300,6 +308,8 @@ class FakeHub:
                                                         for f in files], "commitOid": "0" * 40})
         if request.method == "POST" and path.startswith("/api/models/") and parts[5] == "branch":
             return httpx2.Response(200, json={})
+        if request.method == "POST" and path.startswith("/api/models/") and parts[5] == "commit" and self.refuse_commits:
+            return httpx2.Response(403, json={"error": "You don't have the rights to create a commit in this repo"})
         if request.method == "POST" and path.startswith("/api/models/") and parts[5] == "commit":
             repo_id, revision = "/".join(parts[3:5]), "/".join(parts[6:])
             received = self.files.setdefault(f"{repo_id}@{revision}", {})
@@ -341,7 +351,7 @@ def pushed(hub_folder, tmp_path_factory) -> tuple[FakeHub, Path, dict[str, bytes
     with serve_fake_hub() as hub:
         info = push_to_hub(hub_folder, "me/tiny-m2rnn", private=True, endpoint=hub.endpoint)
     assert info.oid == "1" * 40
-    sent = {path.name: path.read_bytes() for path in hub_folder.iterdir()}
+    sent = {path.name: path.read_bytes() for path in hub_folder.iterdir() if path.name != OUTPUT_MARKER}
     received = tmp_path_factory.mktemp("received")
     for name, content in hub.files["me/tiny-m2rnn@main"].items():
         (received / name).write_bytes(content)
@@ -352,15 +362,21 @@ def test_push_uploads_every_file_of_the_folder(pushed):
     hub, received, sent = pushed
     assert hub.unknown == [] and hub.repos["me/tiny-m2rnn"].get("visibility") == "private"
     assert {path.name: path.read_bytes() for path in received.iterdir()} == sent
+    assert (hub.endpoint and OUTPUT_MARKER not in hub.files["me/tiny-m2rnn@main"])  # m2rnn's own marker stays home
     card = ModelCard((received / "README.md").read_text())
     assert "m2rnn" in card.data.tags and 'from_pretrained("me/tiny-m2rnn"' in card.text
 
 
-def test_pushed_files_load_without_the_package(pushed, reference_logits):
+def test_pushed_files_load_without_the_package(pushed, reference_logits, monkeypatch):
     """The received folder (byte-identical to the saved one) loads in a `python -I` child, run from another
-    directory, where `import m2rnn` and `import triton` fail, with logits equal to the original model's."""
+    directory, where `import m2rnn` and `import triton` fail, with logits equal to the original model's. The
+    child's result is read back with `torch.load(weights_only=True)`: no pickle runs code here."""
     _, received, _ = pushed
+    calls = []
+    original_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: calls.append(kwargs) or original_load(*args, **kwargs))
     logits = load_without_package(received, INPUT_IDS)
+    assert calls == [{"weights_only": True}]
     torch.testing.assert_close(logits, reference_logits, rtol=0, atol=0)
 
 
@@ -400,5 +416,157 @@ def test_push_refuses_a_folder_that_does_not_load(tiny_model, tmp_path, fake_hub
     with pytest.raises(FolderCheckError, match=match):
         push_to_hub(folder, "me/broken", endpoint=fake_hub.endpoint)
     assert cli_main(["push", str(folder), "me/broken"]) == 1
-    assert "refused" in capsys.readouterr().err
+    error = capsys.readouterr().err.splitlines()[-1]  # one line (the fixture's save printed its bars before)
+    assert error.startswith("m2rnn push: error:") and "not a loadable M2RNN checkpoint" in error
     assert fake_hub.requests == []  # nothing was sent
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# push: nothing changes before the upload worked; what is refused; --check-only; offline in one line
+# ---------------------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_m2rnn(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`m2rnn ARGS` through the installed console script, importing this checkout's package."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([str(Path(sys.executable).parent / "m2rnn"), *args], env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mode) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture
+def fresh_folder(tiny_model, tmp_path) -> Path:
+    return save_for_hub(tiny_model, tmp_path / "tiny-m2rnn")
+
+
+@pytest.mark.parametrize("repo_id", ["bad id!", "a/b/c", "name--x", ""])
+def test_push_validates_the_repo_id_before_anything(fresh_folder, fake_hub, repo_id, capsys):
+    """Today's main rewrote README.md (the card names the repo) before the repo id was refused."""
+    before = _snapshot(fresh_folder)
+    assert cli_main(["push", str(fresh_folder), repo_id]) == 1
+    assert f"REPO_ID {repo_id!r} is not a valid Hub repo id" in capsys.readouterr().err
+    assert _snapshot(fresh_folder) == before and fake_hub.requests == []
+
+
+def test_a_refused_upload_changes_nothing_and_a_successful_one_updates_the_card(fresh_folder, fake_hub):
+    before = _snapshot(fresh_folder)
+    fake_hub.refuse_commits = True  # the Hub answers 403 to the commit
+    with pytest.raises(hub.PushError, match="upload to .* failed .*403.*nothing was changed locally.*--check-only"):
+        push_to_hub(fresh_folder, "me/tiny-m2rnn", endpoint=fake_hub.endpoint)
+    assert _snapshot(fresh_folder) == before
+    fake_hub.refuse_commits = False
+    push_to_hub(fresh_folder, "me/tiny-m2rnn", endpoint=fake_hub.endpoint)
+    sent = fake_hub.files["me/tiny-m2rnn@main"]["README.md"]
+    assert b'from_pretrained("me/tiny-m2rnn"' in sent and (fresh_folder / "README.md").read_bytes() == sent
+
+
+def test_check_only_validates_and_load_checks_without_changing_or_sending_anything(fresh_folder, fake_hub, capsys):
+    before = _snapshot(fresh_folder)
+    assert cli_main(["push", str(fresh_folder), "me/tiny-m2rnn", "--check-only"]) == 0
+    assert "ready to push to me/tiny-m2rnn" in capsys.readouterr().out
+    assert _snapshot(fresh_folder) == before and fake_hub.requests == []
+    (fresh_folder / "modeling_m2rnn.py").write_text("raise ImportError('broken on purpose')\n")
+    assert cli_main(["push", str(fresh_folder), "me/tiny-m2rnn", "--check-only"]) == 1  # the load check ran
+    assert "does not load without the m2rnn package" in capsys.readouterr().err
+    assert fake_hub.requests == []
+
+
+def test_push_refuses_outside_symlinks_and_subfolder_pickles_listing_them(fresh_folder, tmp_path, fake_hub, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the checkpoint")
+    (fresh_folder / "notes.txt").symlink_to(secret)
+    (fresh_folder / "checkpoint-10").mkdir()
+    torch.save({"step": torch.zeros(1)}, fresh_folder / "checkpoint-10" / "optimizer.pt")
+    (fresh_folder / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    before = _snapshot(fresh_folder)
+    assert cli_main(["push", str(fresh_folder), "me/tiny-m2rnn"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "notes.txt -> " in error and str(secret) in error and "checkpoint-10/optimizer.pt" in error
+    assert "--allow-pickles" in error and fake_hub.requests == [] and _snapshot(fresh_folder) == before
+
+    (fresh_folder / "notes.txt").unlink()
+    (fresh_folder / "notes.txt").symlink_to(fresh_folder / "config.json")  # a link inside the folder is fine
+    assert cli_main(["push", str(fresh_folder), "me/tiny-m2rnn", "--allow-pickles"]) == 0, capsys.readouterr().err
+    received = fake_hub.files["me/tiny-m2rnn@main"]
+    assert {"checkpoint-10/optimizer.pt", "checkpoint-10/trainer_state.json", "notes.txt"} <= set(received)
+    assert received["notes.txt"] == (fresh_folder / "config.json").read_bytes()
+    assert OUTPUT_MARKER not in received and not [name for name in received if "/." in name or name.startswith(".")]
+
+
+@pytest.mark.parametrize("offline", ["unreachable", "HF_HUB_OFFLINE"])
+def test_push_entry_point_offline_fails_fast_in_one_line(fresh_folder, offline):
+    before = _snapshot(fresh_folder)
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_fake"}  # port 9: connection refused at once
+    if offline == "HF_HUB_OFFLINE":
+        env["HF_HUB_OFFLINE"] = "1"
+    started = time.monotonic()
+    result = run_m2rnn("push", str(fresh_folder), "me/tiny-m2rnn", env=env)
+    assert time.monotonic() - started < 60  # today: 30-55 s of retries, then a 60-line traceback
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("m2rnn push: error:"), result.stderr
+    assert "--check-only" in lines[0] and ("HF_HUB_OFFLINE" in lines[0])
+    assert _snapshot(fresh_folder) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# card: only for M2RNN checkpoints; provenance of converted models
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["empty", "llama", "missing", "list_config", "bad_repo_id"])
+def test_card_refuses_a_folder_that_is_not_an_m2rnn_checkpoint(tiny_model, tmp_path, case, capsys):
+    """Today's main invents an M2RNN card for any folder, and --write puts it there."""
+    folder = tmp_path / "folder"
+    if case != "missing":
+        folder.mkdir()
+    if case == "llama":
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    elif case == "list_config":
+        (folder / "config.json").write_text("[1, 2]")
+    expected = {"empty": "no config.json", "llama": "model_type='llama', not an M2RNN checkpoint",
+                "missing": "is not a folder", "list_config": "not a JSON object",
+                "bad_repo_id": "--repo-id 'me/bad id' is not a valid Hub repo id"}[case]
+    if case == "bad_repo_id":  # a card whose snippets name a repo that cannot exist
+        folder.rmdir()
+        tiny_model.save_pretrained(folder)
+        (folder / "README.md").unlink()
+        for write in ([], ["--write"]):
+            assert cli_main(["card", str(folder), "--repo-id", "me/bad id", *write]) == 1
+            assert expected in capsys.readouterr().err
+        assert not (folder / "README.md").exists()
+        return
+    for write in ([], ["--write"]):
+        assert cli_main(["card", str(folder), *write]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("m2rnn card: error:") and expected in err
+    if case == "llama":  # once through the console script, as a user runs it
+        result = run_m2rnn("card", str(folder), "--write")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (folder / "README.md").exists()
+
+
+def test_card_of_a_converted_model_never_claims_the_paper_init(tiny_model, tmp_path):
+    text = str(render_model_card(tiny_model.config, conversion=CONVERSION))
+    assert "**Converted from** [Qwen/Qwen3.5-0.8B]" in text and "**Swapped layers**" in text
+    assert CONVERSION["init"] in text and "paper's initialisation" not in text
+    local = ModelCard(str(render_model_card(tiny_model.config, conversion={**CONVERSION, "source": "/data/qwen"})))
+    assert local.data.base_model is None and "`/data/qwen` (`qwen3_5`) (a local checkpoint)" in local.text
+
+
+def test_saved_and_card_files_honour_the_umask(tiny_model, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        tiny_model.save_pretrained(tmp_path / "saved")
+        write_model_card(tmp_path / "saved", results=LM_EVAL_RESULTS)
+        (tmp_path / "saved" / "config.json").chmod(0o600)  # a mode the user chose is kept by the next save
+        tiny_model.save_pretrained(tmp_path / "saved")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "saved").iterdir()}
+    assert modes.pop("config.json") == 0o600
+    assert set(modes.values()) == {0o644}, modes

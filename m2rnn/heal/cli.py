@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from .data import HealError, TextSource
-from .healing import DEFAULT_LORA_TARGETS, NEW_LAYER_MODES, STAGE2_MODES, HealSettings
+from .healing import DEFAULT_LORA_TARGETS, DEVICE_DEFAULTS, NEW_LAYER_MODES, STAGE2_MODES, HealSettings, device_kind
 
 DEFAULTS = HealSettings()
+
+
+def _by_device(key: str) -> str:
+    """The help text's default of a setting that depends on the device."""
+    return f"(default: {DEVICE_DEFAULTS['cpu'][key]} on CPU, {DEVICE_DEFAULTS['gpu'][key]} on GPU)"
 
 
 def add_heal_command(subparsers: argparse._SubParsersAction) -> None:
@@ -37,51 +44,53 @@ def add_heal_command(subparsers: argparse._SubParsersAction) -> None:
     source = data.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", help="a `datasets` dataset name or local builder path")
     source.add_argument("--text-files", nargs="+", metavar="FILE", help=".txt (one document each) or .jsonl files")
-    data.add_argument("--dataset-config", default=None, help="dataset configuration name")
+    data.add_argument("--dataset-config", default=None, help="dataset configuration name (default: the dataset's default)")
     data.add_argument("--split", default="train", help="dataset split to train on (default: %(default)s)")
     data.add_argument("--eval-split", default=None,
                       help="dataset split for held-out blocks (default: the end of the training text)")
     data.add_argument("--text-column", default="text", help="text field of rows / JSON lines (default: %(default)s)")
-    data.add_argument("--max-tokens", type=int, default=None, help="read at most this many tokens per split")
-    data.add_argument("--block-size", type=int, default=256, help="tokens per block (default: %(default)s)")
+    data.add_argument("--max-tokens", type=int, default=None,
+                      help="read at most this many tokens per split (default: all)")
+    data.add_argument("--block-size", type=int, default=None, help=f"tokens per block {_by_device('block_size')}")
     data.add_argument("--eval-fraction", type=float, default=0.1,
                       help="share of blocks held out (default: %(default)s)")
-    data.add_argument("--max-eval-blocks", type=int, default=DEFAULTS.max_eval_blocks,
-                      help="held-out blocks measured at each evaluation (default: %(default)s)")
+    data.add_argument("--max-eval-blocks", type=int, default=None,
+                      help=f"held-out blocks measured at each evaluation {_by_device('max_eval_blocks')}")
     data.add_argument("--tokenizer", default=None,
                       help="tokenizer folder or hub name (default: the one saved with the student or teacher)")
 
     train = p.add_argument_group("training")
-    train.add_argument("--stage1-steps", type=int, default=DEFAULTS.stage1_steps, help="(default: %(default)s)")
-    train.add_argument("--stage1-lr", type=float, default=DEFAULTS.stage1_lr, help="(default: %(default)s)")
+    train.add_argument("--stage1-steps", type=int, default=None, help=f"layer-matching steps {_by_device('stage1_steps')}")
+    train.add_argument("--stage1-lr", type=float, default=DEFAULTS.stage1_lr, help="peak learning rate of stage 1 (default: %(default)s)")
     train.add_argument("--stage2", choices=STAGE2_MODES, default=DEFAULTS.stage2,
                        help="distillation with LoRA adapters, all parameters, or no stage 2 (default: %(default)s)")
-    train.add_argument("--stage2-steps", type=int, default=DEFAULTS.stage2_steps, help="(default: %(default)s)")
-    train.add_argument("--stage2-lr", type=float, default=DEFAULTS.stage2_lr, help="(default: %(default)s)")
+    train.add_argument("--stage2-steps", type=int, default=None, help=f"distillation steps {_by_device('stage2_steps')}")
+    train.add_argument("--stage2-lr", type=float, default=DEFAULTS.stage2_lr, help="peak learning rate of stage 2 (default: %(default)s)")
     train.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
                        help="distillation temperature (default: %(default)s)")
     train.add_argument("--ce-weight", type=float, default=DEFAULTS.ce_weight,
                        help="weight of the LM loss added to the KL in stage 2 (default: %(default)s)")
-    train.add_argument("--lora-rank", type=int, default=DEFAULTS.lora_rank, help="(default: %(default)s)")
-    train.add_argument("--lora-alpha", type=float, default=DEFAULTS.lora_alpha, help="(default: %(default)s)")
-    train.add_argument("--lora-dropout", type=float, default=DEFAULTS.lora_dropout, help="(default: %(default)s)")
+    train.add_argument("--lora-rank", type=int, default=DEFAULTS.lora_rank, help="LoRA rank (default: %(default)s)")
+    train.add_argument("--lora-alpha", type=float, default=DEFAULTS.lora_alpha, help="LoRA alpha (default: %(default)s)")
+    train.add_argument("--lora-dropout", type=float, default=DEFAULTS.lora_dropout, help="LoRA dropout (default: %(default)s)")
     train.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
                        help="comma-separated linear layer names (default: %(default)s)")
     train.add_argument("--new-layers", choices=NEW_LAYER_MODES, default=DEFAULTS.new_layers,
                        help="with --stage2 lora: the new M2RNN layers train in full or get LoRA too "
                        "(default: %(default)s)")
-    train.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="(default: %(default)s)")
-    train.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every,
-                       help="steps between held-out evaluations (default: %(default)s)")
-    train.add_argument("--seed", type=int, default=DEFAULTS.seed, help="(default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=None, help=f"blocks per step {_by_device('batch_size')}")
+    train.add_argument("--eval-every", type=int, default=None,
+                       help=f"steps between held-out evaluations {_by_device('eval_every')}")
+    train.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the data order and new layers (default: %(default)s)")
 
     run = p.add_argument_group("run")
     run.add_argument("--dtype", default="float32",
-                     help="weights dtype: float32, bfloat16, float16 (default: %(default)s)")
+                     help="weights dtype: float32/fp32, bfloat16/bf16, float16/fp16 (default: %(default)s)")
     run.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    run.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace OUT if m2rnn wrote it (never an input or a folder holding one)")
+    run.add_argument("--no-progress", action="store_true", help="hide every progress bar (transformers' too)")
     p.set_defaults(func=run_heal)
 
 
@@ -94,19 +103,33 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
         raise HealError(f"{option}={text!r} must be comma-separated integers") from error
 
 
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise HealError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HealError(f"--device {name!r}: CUDA is not available here; use --device cpu")
+    return device
+
+
 def run_heal(args: argparse.Namespace) -> int:
     from .healing import mean_layer_mse
     from .run import heal_checkpoint
 
-    if args.threads:
-        import torch
-
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"m2rnn heal: error: --threads {args.threads} must be at least 1", file=sys.stderr)
+            return 1
         torch.set_num_threads(args.threads)
     try:
         if args.layers is not None and args.student is None:
             raise HealError("--layers goes with --student; with --swap-layers the swapped layers are healed")
-        settings = HealSettings(
-            layers=_int_list(args.layers, "--layers"), batch_size=args.batch_size,
+        device = _device(args.device)
+        settings = HealSettings.for_device(
+            device, layers=_int_list(args.layers, "--layers"), batch_size=args.batch_size,
             stage1_steps=args.stage1_steps, stage1_lr=args.stage1_lr,
             stage2=args.stage2, stage2_steps=args.stage2_steps, stage2_lr=args.stage2_lr,
             temperature=args.temperature, ce_weight=args.ce_weight,
@@ -122,11 +145,11 @@ def run_heal(args: argparse.Namespace) -> int:
         result = heal_checkpoint(
             args.teacher, args.output, text, student=args.student,
             swap_layers=_int_list(args.swap_layers, "--swap-layers"), init=args.init, tokenizer=args.tokenizer,
-            settings=settings, block_size=args.block_size, eval_fraction=args.eval_fraction, dtype=args.dtype,
-            device=args.device, overwrite=args.overwrite,
+            settings=settings, block_size=DEVICE_DEFAULTS[device_kind(device)]["block_size"] if args.block_size is None else args.block_size,
+            eval_fraction=args.eval_fraction, dtype=args.dtype, device=str(device), overwrite=args.overwrite,
         )
     except HealError as error:
-        print(f"m2rnn heal: error: {error}", file=sys.stderr)
+        print(f"m2rnn heal: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     before, after = result.before, result.after
     print(f"healed layers {result.layers}; wrote {args.output} (model, tokenizer, results.json, results.md, "

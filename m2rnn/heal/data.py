@@ -68,13 +68,17 @@ def read_text_files(files: Sequence[str | os.PathLike], text_column: str = "text
     for file in files:
         path = Path(file)
         if not path.is_file():
-            raise HealError(f"text file {str(path)!r} does not exist")
-        if path.suffix == ".txt":
-            yield path.read_text(encoding="utf-8")
-        elif path.suffix == ".jsonl":
-            yield from _read_jsonl(path, text_column)
-        else:
-            raise HealError(f"text file {str(path)!r}: unsupported suffix {path.suffix!r} (use .txt or .jsonl)")
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise HealError(f"text file {str(path)!r} {what} (--text-files takes .txt and .jsonl files)")
+        try:
+            if path.suffix == ".txt":
+                yield path.read_text(encoding="utf-8")
+            elif path.suffix == ".jsonl":
+                yield from _read_jsonl(path, text_column)
+            else:
+                raise HealError(f"text file {str(path)!r}: unsupported suffix {path.suffix!r} (use .txt or .jsonl)")
+        except UnicodeDecodeError as error:
+            raise HealError(f"text file {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start})") from error
 
 
 def _read_jsonl(path: Path, text_column: str) -> Iterator[str]:
@@ -98,10 +102,12 @@ def read_dataset(name: str, config: str | None, split: str, text_column: str) ->
         import datasets
     except ImportError as error:
         raise HealError("--dataset needs the `datasets` package (pip install datasets)") from error
+    check_hub_name(name, "--dataset", "dataset folder or builder")
     try:
         rows = datasets.load_dataset(name, config, split=split)
-    except ValueError as error:  # unknown split or config: datasets' message lists the valid ones
-        raise HealError(f"dataset {name!r} (config {config!r}, split {split!r}): {error}") from error
+    except Exception as error:  # unknown split or config (the message lists the valid ones), not found, offline
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise HealError(f"dataset {name!r} (config {config!r}, split {split!r}): {reason}") from error
     if text_column not in rows.column_names:
         raise HealError(
             f"dataset {name!r} split {split!r} has no text column {text_column!r} (text_column); "
@@ -109,6 +115,21 @@ def read_dataset(name: str, config: str | None, split: str, text_column: str) ->
         )
     for index, row in enumerate(rows):
         yield _as_text(row[text_column], f"dataset {name!r} row {index}", text_column)
+
+
+def check_hub_name(name: str, option: str, local_kind: str) -> None:
+    """Before a library looks `name` up on the Hub (with half a minute of retries when offline): refuse a path that
+    does not exist, and a Hub name when the Hub does not answer one quick request, in one line saying what to do."""
+    from ..hub import hub_unreachable
+
+    if Path(name).expanduser().exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise HealError(f"{option} {name!r}: no such {local_kind}")
+    reason = hub_unreachable()
+    if reason:
+        raise HealError(f"{option} {name!r} is not a local {local_kind} and the Hub cannot be reached ({reason}); "
+                        f"give a local path, or set HF_HUB_OFFLINE=1 to use a cached copy")
 
 
 def _as_text(value: Any, where: str, text_column: str) -> str:

@@ -47,6 +47,21 @@ DEFAULT_LORA_TARGETS = (
 )
 
 
+# Defaults of what makes a run long, by device: a CPU run of a tiny model finishes in minutes on 2 cores; a GPU
+# run does more of everything. `HealSettings()` carries the GPU values; `HealSettings.for_device` picks.
+DEVICE_DEFAULTS = {
+    "cpu": {"block_size": 64, "batch_size": 8, "stage1_steps": 60, "stage2_steps": 60, "eval_every": 20,
+            "max_eval_blocks": 8},
+    "gpu": {"block_size": 256, "batch_size": 8, "stage1_steps": 200, "stage2_steps": 200, "eval_every": 50,
+            "max_eval_blocks": 64},
+}
+
+
+def device_kind(device: torch.device | str) -> str:
+    """"cpu" or "gpu": which column of `DEVICE_DEFAULTS` a device uses."""
+    return "cpu" if torch.device(device).type == "cpu" else "gpu"
+
+
 @dataclass
 class HealSettings:
     """What healing does and how long. `layers=None` finds the swapped layers from the two configs.
@@ -78,6 +93,13 @@ class HealSettings:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     progress: bool = True
+
+    @classmethod
+    def for_device(cls, device: torch.device | str, **overrides: Any) -> HealSettings:
+        """Settings with the device's defaults (`DEVICE_DEFAULTS`, block size excepted), then `overrides` (None
+        values keep the default)."""
+        defaults = {k: v for k, v in DEVICE_DEFAULTS[device_kind(device)].items() if k != "block_size"}
+        return cls(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
     def __post_init__(self) -> None:
         if self.stage2 not in STAGE2_MODES:
@@ -493,6 +515,83 @@ def heal_stage2(
     if settings.stage2 == "lora":
         student = model.merge_and_unload()
     return student, log
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a run will do, and how long it will take
+# ---------------------------------------------------------------------------------------------------------------
+def _seconds(function: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def estimate_seconds(
+    teacher: M2RNNForCausalLM, student: M2RNNForCausalLM, blocks: TextBlocks, layers: Sequence[int],
+    settings: HealSettings,
+) -> float:
+    """A rough duration of `heal`, from timing one teacher forward and one student forward + backward on one batch
+    (the student's weights do not change; its gradients are cleared)."""
+    device = _device(student)
+    batch = blocks.train[: settings.batch_size].to(device)
+    with torch.no_grad():
+        forward = _seconds(lambda: teacher(input_ids=batch, use_cache=False), device)
+
+    def train_step() -> None:
+        student(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+
+    was_training = student.training
+    student.train()
+    train = _seconds(train_step, device)
+    student.zero_grad(set_to_none=True)
+    student.train(was_training)
+    depth = teacher.config.num_hidden_layers
+    share = len(layers) / depth  # stage 1 trains the new mixers alone, after a forward cut at the deepest one
+    stage1_step = forward * (max(layers) + 1) / depth + train * share
+    eval_batches = math.ceil(min(len(blocks.eval), settings.max_eval_blocks or len(blocks.eval)) / settings.batch_size)
+    measure = 3 * forward * eval_batches  # teacher and student forward, plus the truncated one for the layer MSE
+    evals = {n: (n // settings.eval_every + 2) if n else 0 for n in (settings.stage1_steps, settings.stage2_steps)}
+    stage2_steps = settings.stage2_steps if settings.stage2 != "none" else 0
+    total = 3 * measure + settings.stage1_steps * stage1_step + evals[settings.stage1_steps] * forward * eval_batches
+    total += stage2_steps * (forward + train) + (evals[settings.stage2_steps] if stage2_steps else 0) * 2 * forward * eval_batches
+    return total
+
+
+def describe_plan(
+    teacher: M2RNNForCausalLM, student: M2RNNForCausalLM, blocks: TextBlocks, settings: HealSettings,
+    source: str = "the text",
+) -> list[str]:
+    """Lines saying what `heal` will do (layers, data, steps, lengths) and about how long it will take."""
+    layers = swapped_layers(teacher.config, student.config, settings.layers)
+    device, dtype = _device(student), next(student.parameters()).dtype
+    per_epoch = math.ceil(len(blocks.train) / settings.batch_size)
+    measured = min(len(blocks.eval), settings.max_eval_blocks or len(blocks.eval))
+    stage2 = (f"stage 2 (distillation, {settings.stage2}): {settings.stage2_steps} steps at lr {settings.stage2_lr:g}"
+              if settings.stage2 != "none" and settings.stage2_steps else "no stage 2")
+    seconds = estimate_seconds(teacher, student, blocks, layers, settings)
+    return [
+        f"healing layers {layers} of a {teacher.config.num_hidden_layers}-layer model "
+        f"({student.num_parameters():,} parameters) on {device} ({str(dtype).replace('torch.', '')})",
+        f"data: {blocks.train.numel() + blocks.eval.numel():,} tokens from {source} -> {len(blocks.train)} training "
+        f"and {len(blocks.eval)} held-out blocks of {blocks.block_size} tokens; batch {settings.batch_size} "
+        f"({per_epoch} steps per epoch)",
+        f"stage 1 (layer matching): {settings.stage1_steps} steps at lr {settings.stage1_lr:g}; {stage2}; held-out "
+        f"check every {settings.eval_every} steps on {measured} blocks",
+        f"estimate: about {_format_duration(seconds)} (from one timed batch); fewer --stage1-steps / --stage2-steps "
+        "or a smaller --block-size / --batch-size run faster",
+    ]
+
+
+def _format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 # ---------------------------------------------------------------------------------------------------------------
