@@ -106,7 +106,8 @@ def test_default_flags_convert_with_progress_and_provenance(source, tmp_path):
     from m2rnn.model_card import render_model_card
 
     card = str(render_model_card(AutoConfig.from_pretrained(out)))
-    assert f"Converted from** [{source}]" in card and "qwen3_5_text" in card and "Swapped layers" in card
+    assert f"Converted from** `{source}`" in card and "(a local checkpoint)" in card  # a path, not a Hub link
+    assert "qwen3_5_text" in card and "Swapped layers" in card
 
 
 def test_no_progress_silences_every_bar(source, tmp_path):
