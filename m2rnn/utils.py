@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 OUTPUT_MARKER = ".m2rnn-output.json"
 """Written into every output folder this project creates; `--overwrite` replaces only folders that hold it."""
@@ -187,3 +188,27 @@ def _replace_folder(new: Path, target: Path) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup.parent, ignore_errors=True)
+
+
+if TYPE_CHECKING:
+    import torch
+
+_DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """A torch dtype from any of its usual spellings (`bf16` or `bfloat16`, `fp32` or `float32`, ...).
+
+    One parser for every command, so `--dtype` takes the same values everywhere; the error names the value and
+    the choices.
+    """
+    import torch
+
+    canonical = _DTYPE_NAMES.get(str(name).strip().lower())
+    if canonical is None:
+        raise ValueError(f"dtype {name!r} is not one of: {', '.join(_DTYPE_NAMES)}")
+    return getattr(torch, canonical)

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .common import environment, resolve_device
+from .common import (
+    check_vocabulary,
+    environment,
+    hub_access,
+    load_config,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 def _require_lm_eval() -> Any:
@@ -39,6 +47,7 @@ def run_lm_eval(
     model: str,
     tasks: str | Sequence[str],
     *,
+    tokenizer: str | None = None,
     batch_size: int | str = 1,
     limit: int | float | None = None,
     num_fewshot: int | None = None,
@@ -50,11 +59,14 @@ def run_lm_eval(
     apply_chat_template: bool = False,
     log_samples: bool = False,
     seed: int = 0,
+    offline_hint: str = "pass local task YAMLs with include_path",
 ) -> dict[str, Any]:
     """Run `lm_eval.simple_evaluate` with the HF backend on `model` (a local folder or Hub id).
 
     Returns lm-eval's results dict (`results`, `groups`, `versions`, `n-shot`, `higher_is_better`, `config`,
-    and `samples` when `log_samples`). `include_path` adds a folder of task YAMLs (local datasets, offline runs).
+    and `samples` when `log_samples`). `include_path` adds a folder of task YAMLs (local datasets, offline runs);
+    `tokenizer` replaces the model's own. The tokenizer and the tasks' data are loaded before the model, so a
+    missing tokenizer or an unreachable dataset fails at once (one quick try, then `offline_hint`).
     """
     import m2rnn  # noqa: F401  (registers the m2rnn model type before lm-eval calls AutoModelForCausalLM)
 
@@ -68,20 +80,35 @@ def run_lm_eval(
     if unknown:
         where = f" (with --include-path {include_path})" if include_path else ""
         raise ValueError(f"--tasks: lm-eval does not know {', '.join(unknown)}{where}")
-    lm = HFLM(
-        pretrained=model, backend="causal", batch_size=batch_size, device=str(resolve_device(device)),
-        dtype=dtype, max_length=max_length, trust_remote_code=trust_remote_code,
-    )
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=task_names, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
-        log_samples=log_samples, apply_chat_template=apply_chat_template, random_seed=seed,
-        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-    )
+    source = tokenizer or model
+    config = load_config(model, trust_remote_code)
+    loaded_tokenizer = load_tokenizer(source, model=model, trust_remote_code=trust_remote_code)
+    check_vocabulary(loaded_tokenizer, config, model, source)
+    with hub_access(needed=True, what=f"the data of lm-eval task(s) {', '.join(task_names)}", hint=offline_hint):
+        loaded = [_load_task(task_manager, name) for name in task_names]
+        lm = HFLM(
+            pretrained=model, tokenizer=loaded_tokenizer, backend="causal", batch_size=batch_size,
+            device=str(resolve_device(device)), dtype=resolve_dtype(dtype), max_length=max_length,
+            trust_remote_code=trust_remote_code,
+        )
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=[item for items in loaded for item in items], num_fewshot=num_fewshot, limit=limit,
+            task_manager=task_manager, log_samples=log_samples, apply_chat_template=apply_chat_template,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        )
     if results is None:  # non-zero ranks in distributed runs
         return {}
     results = dict(results)
-    results["m2rnn"] = {"model": model, "tasks": task_names, "limit": limit, **environment()}
+    results["m2rnn"] = {"model": model, "tokenizer": source, "tasks": task_names, "limit": limit, **environment()}
     return results
+
+
+def _load_task(task_manager: Any, name: str) -> list[Any]:
+    """The task, group or tag `name` built (its data loaded) as objects `simple_evaluate` accepts."""
+    loaded = task_manager.load([name])
+    if name in loaded["groups"]:
+        return [loaded["groups"][name]]
+    return list(loaded["tasks"].values())
 
 
 def results_markdown(results: dict[str, Any], title: str = "lm-eval") -> str:

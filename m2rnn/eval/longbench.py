@@ -292,16 +292,19 @@ def run_longbench(
     batch_size: int = 1,
     chat_template: bool = False,
     progress: bool = True,
+    data: dict[str, list[dict]] | None = None,
 ) -> dict[str, Any]:
     """Generate and score every task; returns `{"tasks": {task: {...}}, "average": ..., "predictions": {...}}`.
 
-    Within a task, prompts are batched by length (longest first) and predictions put back in data order.
+    `data` ({task: examples}, as `load_examples` returns them) skips loading. Within a task, prompts are batched
+    by length (longest first) and predictions put back in data order.
     """
     if max_length <= 0:
         raise ValueError(f"--max-length must be positive, got {max_length}")
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    data = {task: load_examples(task, data_dir, limit) for task in tasks}
+    if data is None:
+        data = {task: load_examples(task, data_dir, limit) for task in tasks}
     bar = tqdm(total=sum(map(len, data.values())), desc="LongBench", disable=not progress, dynamic_ncols=True)
     task_results: dict[str, Any] = {}
     predictions: dict[str, list[dict]] = {}
