@@ -17,7 +17,7 @@ from .common import parse_float_list, parse_int_list
 
 DEFAULT_S3_LENGTHS = "4,8,16,32,64,128,256,512"
 NIAH_DEFAULTS = {  # (lengths, depths, samples per cell): a few minutes for a tiny model on a 2-core CPU
-    "cpu": ("1K,2K,4K", "0,0.5,1", 1),
+    "cpu": ("1K,2K", "0,0.5,1", 1),
     "gpu": ("1K,2K,4K,8K,16K,32K,64K", "0,0.25,0.5,0.75,1", 2),
 }
 MAX_LENGTH_TOKENS = 1 << 20  # 1M tokens: the longest --lengths value accepted by niah and s3
@@ -277,7 +277,15 @@ def _run_longbench(args: argparse.Namespace) -> int:
 
 def _run_niah(args: argparse.Namespace) -> int:
     from . import niah
-    from .common import HFGenerator, announce, environment, resolve_device, write_results
+    from .common import (
+        HFGenerator,
+        announce,
+        environment,
+        load_checked_tokenizer,
+        load_model,
+        resolve_device,
+        write_results,
+    )
 
     tasks = list(niah.TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in niah.TASKS]
@@ -290,8 +298,9 @@ def _run_niah(args: argparse.Namespace) -> int:
     samples = _samples(args, default_samples)
 
     def body(folder: Path) -> str:
-        model, tokenizer = _load(args)
-        niah.check_lengths(tokenizer, tasks, lengths, seed=args.seed)
+        tokenizer = load_checked_tokenizer(args.model, args.tokenizer, args.trust_remote_code)
+        niah.check_lengths(tokenizer, tasks, lengths, seed=args.seed)  # before the weights are loaded
+        model = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
         announce("niah", niah.plan(model, tasks, lengths, depths, samples, where=where))
         results = niah.run_niah(
             HFGenerator(model, tokenizer), tokenizer, tasks=tasks, lengths=lengths, depths=depths, samples=samples,

@@ -13,15 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .common import (
-    check_vocabulary,
-    environment,
-    hub_access,
-    load_config,
-    load_tokenizer,
-    resolve_device,
-    resolve_dtype,
-)
+from .common import environment, hub_access, load_checked_tokenizer, resolve_device, resolve_dtype
 
 
 def _require_lm_eval() -> Any:
@@ -80,10 +72,7 @@ def run_lm_eval(
     if unknown:
         where = f" (with --include-path {include_path})" if include_path else ""
         raise ValueError(f"--tasks: lm-eval does not know {', '.join(unknown)}{where}")
-    source = tokenizer or model
-    config = load_config(model, trust_remote_code)
-    loaded_tokenizer = load_tokenizer(source, model=model, trust_remote_code=trust_remote_code)
-    check_vocabulary(loaded_tokenizer, config, model, source)
+    loaded_tokenizer = load_checked_tokenizer(model, tokenizer, trust_remote_code)
     with hub_access(needed=True, what=f"the data of lm-eval task(s) {', '.join(task_names)}", hint=offline_hint):
         loaded = [_load_task(task_manager, name) for name in task_names]
         lm = HFLM(
@@ -99,7 +88,8 @@ def run_lm_eval(
     if results is None:  # non-zero ranks in distributed runs
         return {}
     results = dict(results)
-    results["m2rnn"] = {"model": model, "tokenizer": source, "tasks": task_names, "limit": limit, **environment()}
+    results["m2rnn"] = {"model": model, "tokenizer": tokenizer or model, "tasks": task_names, "limit": limit,
+                        **environment()}
     return results
 
 
