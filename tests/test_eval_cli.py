@@ -196,3 +196,16 @@ def test_help_shows_every_default():
             required = action.dest in ("help", "output_dir") or (name == "lm-eval" and action.dest == "tasks")
             if action.option_strings and not required:
                 assert "default" in (action.help or ""), f"eval {name} {action.option_strings[0]}: no default"
+
+
+def test_byte_tokenizer_saves_and_loads_with_auto_tokenizer(tmp_path):
+    """What `--tokenizer FOLDER` relies on: the project's byte tokenizer round-trips through AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    original = byte_level_tokenizer()
+    original.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Needle: 7 × 6 = 42 — ok"
+    assert loaded(text)["input_ids"] == original(text)["input_ids"]
+    assert loaded.decode(loaded(text)["input_ids"]) == text
+    assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id, len(loaded)) == (0, 1, 2, BYTE_VOCAB_SIZE)

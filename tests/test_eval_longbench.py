@@ -180,6 +180,7 @@ def test_longbench_command(tmp_path, capsys):
             str(_fixture(tmp_path / "data")), "--output-dir", str(out), "--batch-size", "2", "--limit", "1",
             "--no-progress"]
     assert main(argv) == 0
+    assert "m2rnn eval longbench: 2 tasks, 2 examples, prompt budget 300 tokens" in capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     assert set(results["tasks"]) == {"trec", "passage_count"}
     assert results["max_length"] == 300  # context window 800 minus 500

@@ -243,8 +243,8 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
 
 
 def _run_longbench(args: argparse.Namespace) -> int:
-    from .common import HFGenerator, context_window, environment, hub_access, write_results
-    from .longbench import load_examples, resolve_tasks, results_markdown, run_longbench, write_predictions
+    from .common import HFGenerator, announce, context_window, environment, hub_access, write_results
+    from .longbench import load_examples, plan, resolve_tasks, results_markdown, run_longbench, write_predictions
 
     tasks = resolve_tasks(args.tasks)
     limit = args.limit
@@ -262,6 +262,7 @@ def _run_longbench(args: argparse.Namespace) -> int:
             if window is None or window <= 500:
                 raise ValueError(f"--max-length: the model declares no usable context window ({window}); pass one")
             max_length = window - 500
+        announce("longbench", plan(model, tokenizer, data, max_length, next(model.parameters()).device.type))
         results = run_longbench(
             HFGenerator(model, tokenizer), tokenizer, tasks, max_length=max_length, data=data,
             batch_size=args.batch_size, chat_template=args.chat_template, progress=not args.no_progress,

@@ -336,6 +336,31 @@ def run_longbench(
     return {"tasks": task_results, "average": average, "max_length": max_length, "predictions": predictions}
 
 
+def plan(model: Any, tokenizer: Any, data: dict[str, list[dict]], max_length: int, where: str) -> str:
+    """What a run will do (tasks, examples, tokens) and a rough time estimate from timing the model once.
+
+    Prompt tokens are estimated from each task's first example (characters per token), capped at `max_length`.
+    """
+    from .common import format_duration, seconds_per_token
+
+    prompt_tokens = new_tokens = 0
+    for task, examples in data.items():
+        if not examples:
+            continue
+        sample = fill_prompt(task, examples[0]["context"], examples[0]["input"])
+        chars_per_token = len(sample) / max(1, len(tokenizer(sample, add_special_tokens=False)["input_ids"]))
+        prompt_tokens += sum(min(max_length, round(len(e["context"]) / chars_per_token)) for e in examples)
+        new_tokens += MAX_NEW_TOKENS[task] * len(examples)
+    per_prompt_token, per_new_token = seconds_per_token(model)
+    estimate = prompt_tokens * per_prompt_token + new_tokens * per_new_token
+    count = sum(map(len, data.values()))
+    return (
+        f"{len(data)} tasks, {count} examples, prompt budget {max_length} tokens: ~{prompt_tokens / 1e6:.2f}M prompt "
+        f"tokens, up to {new_tokens} new tokens on {where}; estimated {format_duration(estimate)} (rough, from one "
+        "timed prompt; --limit and --max-length change the size)"
+    )
+
+
 def results_markdown(results: dict[str, Any], title: str = "LongBench v1") -> str:
     """Per-task table (score ×100, metric, examples) and the average."""
     rows = [(task, r["score"], r["metric"], r["num_examples"]) for task, r in results["tasks"].items()]
