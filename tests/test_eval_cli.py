@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from m2rnn.tokenization import BYTE_VOCAB_SIZE, byte_level_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINT = Path(sys.executable).with_name("m2rnn")
+PROGRESS_BAR = re.compile(r"\d+%\|")  # a tqdm bar: "40%|████"
 OFFLINE_SECONDS = 60  # startup on a loaded 2-core machine included; the old retries alone took 30-55 s
 
 
@@ -141,6 +143,7 @@ def test_shipped_example_task_runs_offline(models, tmp_path):
     result = m2rnn("eval", "lm-eval", str(models / "with_tokenizer"), "--include-path", "examples/lm_eval_tasks",
                    "--tasks", "m2rnn_example_choice", "--output-dir", str(out), HF_HOME=str(tmp_path / "hf"))
     assert result.returncode == 0, result.stderr
+    assert PROGRESS_BAR.search(result.stderr)  # default flags: bars on
     results = json.loads((out / "results.json").read_text())
     assert 0.0 <= results["results"]["m2rnn_example_choice"]["acc,none"] <= 1.0
     assert results["m2rnn"]["tasks"] == ["m2rnn_example_choice"]
@@ -180,11 +183,13 @@ def test_limit_that_is_not_a_count_is_a_usage_error(models, tmp_path, capsys):
 
 
 def test_no_progress_silences_every_bar(models, tmp_path):
-    """lm-eval's and transformers' bars included: stderr stays empty on success."""
+    """lm-eval's, datasets' and transformers' bars included (the same run without it shows them: see
+    test_shipped_example_task_runs_offline)."""
     result = m2rnn("eval", "lm-eval", str(models / "with_tokenizer"), "--include-path", "examples/lm_eval_tasks",
                    "--tasks", "m2rnn_example_choice", "--output-dir", str(tmp_path / "out"), "--no-progress",
                    HF_HOME=str(tmp_path / "hf"))
-    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.returncode == 0, result.stderr
+    assert not PROGRESS_BAR.search(result.stderr), result.stderr
 
 
 def test_help_shows_every_default():

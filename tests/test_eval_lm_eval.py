@@ -78,6 +78,7 @@ def test_lm_eval_command_writes_results(setup, monkeypatch, capsys):
     argv = ["eval", "lm-eval", str(setup / "model"), "--tasks", "m2rnn_toy_choice,m2rnn_toy_generate",
             "--include-path", str(setup / "tasks"), "--output-dir", str(out), "--batch-size", "2", "--device", "cpu"]
     assert main(argv) == 0
+    assert "m2rnn eval lm-eval: 2 task(s), 6 examples on cpu" in capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     acc = results["results"]["m2rnn_toy_choice"]["acc,none"]
     assert 0.0 <= acc <= 1.0

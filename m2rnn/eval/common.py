@@ -1,4 +1,5 @@
-"""Shared evaluation plumbing: loading any causal LM, batched greedy generation, output folders, reports."""
+"""Shared evaluation plumbing: loading any causal LM and its tokenizer with clear errors, the one-quick-try Hub
+rule, progress bars, run plans with time estimates, batched greedy generation and reports."""
 
 from __future__ import annotations
 

@@ -11,9 +11,10 @@ Plain lm-eval works too when the checkpoint carries `auto_map` (code on the Hub)
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Iterable, Sequence
 
-from .common import environment, hub_access, load_checked_tokenizer, resolve_device, resolve_dtype
+from .common import announce, environment, hub_access, load_checked_tokenizer, resolve_device, resolve_dtype
 
 
 def _require_lm_eval() -> Any:
@@ -74,14 +75,18 @@ def run_lm_eval(
         raise ValueError(f"--tasks: lm-eval does not know {', '.join(unknown)}{where}")
     loaded_tokenizer = load_checked_tokenizer(model, tokenizer, trust_remote_code)
     with hub_access(needed=True, what=f"the data of lm-eval task(s) {', '.join(task_names)}", hint=offline_hint):
-        loaded = [_load_task(task_manager, name) for name in task_names]
+        loaded = [task_manager.load([name]) for name in task_names]
+        leaves = {task_name: task for item in loaded for task_name, task in item["tasks"].items()}
+        announce("lm-eval", f"{len(leaves)} task(s), {_count_examples(leaves.values(), limit)} examples on "
+                 f"{resolve_device(device).type}")
         lm = HFLM(
             pretrained=model, tokenizer=loaded_tokenizer, backend="causal", batch_size=batch_size,
             device=str(resolve_device(device)), dtype=resolve_dtype(dtype), max_length=max_length,
             trust_remote_code=trust_remote_code,
         )
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=[item for items in loaded for item in items], num_fewshot=num_fewshot, limit=limit,
+            model=lm, tasks=[obj for item, name in zip(loaded, task_names) for obj in _top_level(item, name)],
+            num_fewshot=num_fewshot, limit=limit,
             task_manager=task_manager, log_samples=log_samples, apply_chat_template=apply_chat_template,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         )
@@ -93,12 +98,21 @@ def run_lm_eval(
     return results
 
 
-def _load_task(task_manager: Any, name: str) -> list[Any]:
-    """The task, group or tag `name` built (its data loaded) as objects `simple_evaluate` accepts."""
-    loaded = task_manager.load([name])
+def _top_level(loaded: dict[str, Any], name: str) -> list[Any]:
+    """What `TaskManager.load([name])` built for `name` as objects `simple_evaluate` accepts: the group, or the
+    task (or a tag's tasks)."""
     if name in loaded["groups"]:
         return [loaded["groups"][name]]
     return list(loaded["tasks"].values())
+
+
+def _count_examples(tasks: Iterable[Any], limit: int | float | None) -> int:
+    """Examples lm-eval will score: each task's evaluation documents, cut by `limit` (a count or a share)."""
+    total = 0
+    for task in tasks:
+        size = len(task.eval_docs)
+        total += size if limit is None else min(size, int(limit) if limit >= 1 else math.ceil(limit * size))
+    return total
 
 
 def results_markdown(results: dict[str, Any], title: str = "lm-eval") -> str:
