@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .common import parse_float_list, parse_int_list
 
@@ -198,7 +198,7 @@ def _check_model_options(args: argparse.Namespace) -> None:
         is_local_model(args.tokenizer, "--tokenizer")
 
 
-def _run(args: argparse.Namespace, inputs: list[str | None], body: Any) -> int:
+def _run(args: argparse.Namespace, inputs: list[str | None], body: Callable[[Path], str]) -> int:
     """Run `body(folder)` in a staged --output-dir (every bar silenced with --no-progress); print the summary."""
     from ..utils import staged_output
     from .common import progress_bars
