@@ -71,13 +71,14 @@ def setup(tmp_path_factory):
     return root
 
 
-def test_lm_eval_command_writes_results(setup, monkeypatch):
+def test_lm_eval_command_writes_results(setup, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     out = setup / "out"
     argv = ["eval", "lm-eval", str(setup / "model"), "--tasks", "m2rnn_toy_choice,m2rnn_toy_generate",
             "--include-path", str(setup / "tasks"), "--output-dir", str(out), "--batch-size", "2", "--device", "cpu"]
     assert main(argv) == 0
+    assert "m2rnn eval lm-eval: 2 task(s), 6 examples on cpu" in capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     acc = results["results"]["m2rnn_toy_choice"]["acc,none"]
     assert 0.0 <= acc <= 1.0
@@ -87,6 +88,5 @@ def test_lm_eval_command_writes_results(setup, monkeypatch):
 
     assert results["m2rnn"]["tasks"] == ["m2rnn_toy_choice", "m2rnn_toy_generate"]
 
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        main(argv)
+    assert main(argv) == 1 and "already exists; pass --overwrite" in capsys.readouterr().err
 

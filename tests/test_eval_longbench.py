@@ -170,22 +170,24 @@ def test_hf_generator_batches_left_padded_prompts():
     assert batched == single
 
 
-def test_longbench_command(tmp_path):
+def test_longbench_command(tmp_path, capsys):
     from m2rnn.cli import main
 
     model_dir = _tiny_model_dir(tmp_path / "model")
     out = tmp_path / "out"
+    (tmp_path / "data").mkdir()
     argv = ["eval", "longbench", str(model_dir), "--tasks", "trec,passage_count", "--data-dir",
-            str(_fixture(tmp_path)), "--output-dir", str(out), "--batch-size", "2", "--limit", "1", "--no-progress"]
+            str(_fixture(tmp_path / "data")), "--output-dir", str(out), "--batch-size", "2", "--limit", "1",
+            "--no-progress"]
     assert main(argv) == 0
+    assert "m2rnn eval longbench: 2 tasks, 2 examples, prompt budget 300 tokens" in capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     assert set(results["tasks"]) == {"trec", "passage_count"}
     assert results["max_length"] == 300  # context window 800 minus 500
     assert all(r["num_examples"] == 1 for r in results["tasks"].values())
     assert (out / "predictions" / "trec.jsonl").is_file()
     assert "passage_count" in (out / "results.md").read_text()
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        main(argv)
+    assert main(argv) == 1 and "already exists; pass --overwrite" in capsys.readouterr().err
     assert main(argv + ["--overwrite", "--max-length", "100"]) == 0
     assert json.loads((out / "results.json").read_text())["max_length"] == 100
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # temp folders cleaned up

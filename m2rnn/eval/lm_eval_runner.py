@@ -11,9 +11,10 @@ Plain lm-eval works too when the checkpoint carries `auto_map` (code on the Hub)
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Iterable, Sequence
 
-from .common import environment, resolve_device
+from .common import announce, environment, hub_access, load_checked_tokenizer, resolve_device, resolve_dtype
 
 
 def _require_lm_eval() -> Any:
@@ -39,6 +40,7 @@ def run_lm_eval(
     model: str,
     tasks: str | Sequence[str],
     *,
+    tokenizer: str | None = None,
     batch_size: int | str = 1,
     limit: int | float | None = None,
     num_fewshot: int | None = None,
@@ -50,11 +52,14 @@ def run_lm_eval(
     apply_chat_template: bool = False,
     log_samples: bool = False,
     seed: int = 0,
+    offline_hint: str = "pass local task YAMLs with include_path",
 ) -> dict[str, Any]:
     """Run `lm_eval.simple_evaluate` with the HF backend on `model` (a local folder or Hub id).
 
     Returns lm-eval's results dict (`results`, `groups`, `versions`, `n-shot`, `higher_is_better`, `config`,
-    and `samples` when `log_samples`). `include_path` adds a folder of task YAMLs (local datasets, offline runs).
+    and `samples` when `log_samples`). `include_path` adds a folder of task YAMLs (local datasets, offline runs);
+    `tokenizer` replaces the model's own. The tokenizer and the tasks' data are loaded before the model, so a
+    missing tokenizer or an unreachable dataset fails at once (one quick try, then `offline_hint`).
     """
     import m2rnn  # noqa: F401  (registers the m2rnn model type before lm-eval calls AutoModelForCausalLM)
 
@@ -68,20 +73,46 @@ def run_lm_eval(
     if unknown:
         where = f" (with --include-path {include_path})" if include_path else ""
         raise ValueError(f"--tasks: lm-eval does not know {', '.join(unknown)}{where}")
-    lm = HFLM(
-        pretrained=model, backend="causal", batch_size=batch_size, device=str(resolve_device(device)),
-        dtype=dtype, max_length=max_length, trust_remote_code=trust_remote_code,
-    )
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=task_names, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
-        log_samples=log_samples, apply_chat_template=apply_chat_template, random_seed=seed,
-        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-    )
+    loaded_tokenizer = load_checked_tokenizer(model, tokenizer, trust_remote_code)
+    with hub_access(needed=True, what=f"the data of lm-eval task(s) {', '.join(task_names)}", hint=offline_hint):
+        loaded = [task_manager.load([name]) for name in task_names]
+        leaves = {task_name: task for item in loaded for task_name, task in item["tasks"].items()}
+        announce("lm-eval", f"{len(leaves)} task(s), {_count_examples(leaves.values(), limit)} examples on "
+                 f"{resolve_device(device).type}")
+        lm = HFLM(
+            pretrained=model, tokenizer=loaded_tokenizer, backend="causal", batch_size=batch_size,
+            device=str(resolve_device(device)), dtype=resolve_dtype(dtype), max_length=max_length,
+            trust_remote_code=trust_remote_code,
+        )
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=[obj for item, name in zip(loaded, task_names) for obj in _top_level(item, name)],
+            num_fewshot=num_fewshot, limit=limit,
+            task_manager=task_manager, log_samples=log_samples, apply_chat_template=apply_chat_template,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        )
     if results is None:  # non-zero ranks in distributed runs
         return {}
     results = dict(results)
-    results["m2rnn"] = {"model": model, "tasks": task_names, "limit": limit, **environment()}
+    results["m2rnn"] = {"model": model, "tokenizer": tokenizer or model, "tasks": task_names, "limit": limit,
+                        **environment()}
     return results
+
+
+def _top_level(loaded: dict[str, Any], name: str) -> list[Any]:
+    """What `TaskManager.load([name])` built for `name` as objects `simple_evaluate` accepts: the group, or the
+    task (or a tag's tasks)."""
+    if name in loaded["groups"]:
+        return [loaded["groups"][name]]
+    return list(loaded["tasks"].values())
+
+
+def _count_examples(tasks: Iterable[Any], limit: int | float | None) -> int:
+    """Examples lm-eval will score: each task's evaluation documents, cut by `limit` (a count or a share)."""
+    total = 0
+    for task in tasks:
+        size = len(task.eval_docs)
+        total += size if limit is None else min(size, int(limit) if limit >= 1 else math.ceil(limit * size))
+    return total
 
 
 def results_markdown(results: dict[str, Any], title: str = "lm-eval") -> str:

@@ -292,16 +292,19 @@ def run_longbench(
     batch_size: int = 1,
     chat_template: bool = False,
     progress: bool = True,
+    data: dict[str, list[dict]] | None = None,
 ) -> dict[str, Any]:
     """Generate and score every task; returns `{"tasks": {task: {...}}, "average": ..., "predictions": {...}}`.
 
-    Within a task, prompts are batched by length (longest first) and predictions put back in data order.
+    `data` ({task: examples}, as `load_examples` returns them) skips loading. Within a task, prompts are batched
+    by length (longest first) and predictions put back in data order.
     """
     if max_length <= 0:
         raise ValueError(f"--max-length must be positive, got {max_length}")
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    data = {task: load_examples(task, data_dir, limit) for task in tasks}
+    if data is None:
+        data = {task: load_examples(task, data_dir, limit) for task in tasks}
     bar = tqdm(total=sum(map(len, data.values())), desc="LongBench", disable=not progress, dynamic_ncols=True)
     task_results: dict[str, Any] = {}
     predictions: dict[str, list[dict]] = {}
@@ -331,6 +334,31 @@ def run_longbench(
     scores = [r["score"] for r in task_results.values()]
     average = round(sum(scores) / len(scores), 2) if scores else 0.0
     return {"tasks": task_results, "average": average, "max_length": max_length, "predictions": predictions}
+
+
+def plan(model: Any, tokenizer: Any, data: dict[str, list[dict]], max_length: int, where: str) -> str:
+    """What a run will do (tasks, examples, tokens) and a rough time estimate from timing the model once.
+
+    Prompt tokens are estimated from each task's first example (characters per token), capped at `max_length`.
+    """
+    from .common import format_duration, seconds_per_token
+
+    prompt_tokens = new_tokens = 0
+    for task, examples in data.items():
+        if not examples:
+            continue
+        sample = fill_prompt(task, examples[0]["context"], examples[0]["input"])
+        chars_per_token = len(sample) / max(1, len(tokenizer(sample, add_special_tokens=False)["input_ids"]))
+        prompt_tokens += sum(min(max_length, round(len(e["context"]) / chars_per_token)) for e in examples)
+        new_tokens += MAX_NEW_TOKENS[task] * len(examples)
+    per_prompt_token, per_new_token = seconds_per_token(model)
+    estimate = prompt_tokens * per_prompt_token + new_tokens * per_new_token
+    count = sum(map(len, data.values()))
+    return (
+        f"{len(data)} tasks, {count} examples, prompt budget {max_length} tokens: ~{prompt_tokens / 1e6:.2f}M prompt "
+        f"tokens, up to {new_tokens} new tokens on {where}; estimated {format_duration(estimate)} (rough, from one "
+        "timed prompt; --limit and --max-length change the size)"
+    )
 
 
 def results_markdown(results: dict[str, Any], title: str = "LongBench v1") -> str:

@@ -199,8 +199,7 @@ def build_examples(
         while _count_tokens(tokenizer, _assemble(spec, draw, len(draw.filler), 0.5)) <= budget:
             draw.filler += haystack_sentences(spec.haystack, len(draw.filler), rng)
         low, high = 0, len(draw.filler)  # invariant: low fits (if anything fits), high does not
-        if _count_tokens(tokenizer, _assemble(spec, draw, 0, 0.5)) > budget:
-            raise ValueError(f"--lengths: {length} tokens is too short for the {task!r} prompt and its answer")
+        _check_length(tokenizer, spec, draw, task, length)
         while high - low > 1:
             middle = (low + high) // 2
             if _count_tokens(tokenizer, _assemble(spec, draw, middle, 0.5)) <= budget:
@@ -215,6 +214,45 @@ def build_examples(
                 prompt = _assemble(spec, draw, count, depth)
             examples.append(Example(task, length, depth, sample, prompt, list(draw.expected), tokens))
     return examples
+
+
+def _check_length(tokenizer: Any, spec: TaskSpec, draw: _Draw, task: str, length: int) -> None:
+    """Refuse a length that cannot hold the task's prompt with an empty haystack plus its answer."""
+    minimum = _count_tokens(tokenizer, _assemble(spec, draw, 0, 0.5)) + spec.max_new_tokens
+    if length < minimum:
+        raise ValueError(
+            f"--lengths: {length} tokens is too short for the {task!r} prompt and its {spec.max_new_tokens}-token "
+            f"answer: it needs at least {minimum} tokens with this tokenizer (a haystack needs more)"
+        )
+
+
+def check_lengths(tokenizer: Any, tasks: Sequence[str], lengths: Sequence[int], seed: int = 0) -> None:
+    """Before any generation: every length fits every task's prompt (checked on each task's first sample)."""
+    for task in tasks:
+        spec = SPECS[task]
+        for length in lengths:
+            rng = random.Random(f"{seed}-{task}-{length}-0")
+            _check_length(tokenizer, spec, _draw(spec, rng, 0), task, length)
+
+
+def plan(model: Any, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float], samples: int,
+         where: str) -> str:
+    """What a run will do (prompts, tokens) and a rough time estimate from timing the model once."""
+    from .common import format_duration, seconds_per_token
+
+    per_cell = len(depths) * samples
+    prompts = len(tasks) * len(lengths) * per_cell
+    prompt_tokens = per_cell * sum(length - SPECS[t].max_new_tokens for t in tasks for length in lengths)
+    new_tokens = per_cell * len(lengths) * sum(SPECS[t].max_new_tokens for t in tasks)
+    per_prompt_token, per_new_token = seconds_per_token(model)
+    estimate = prompt_tokens * per_prompt_token + new_tokens * per_new_token
+    shown = ", ".join(_length_label(n) for n in lengths)
+    return (
+        f"{len(tasks)} tasks × {len(lengths)} lengths ({shown}) × {len(depths)} depths × {samples} sample(s) = "
+        f"{prompts} prompts, {prompt_tokens / 1e6:.2f}M prompt tokens, up to {new_tokens} new tokens on {where}; "
+        f"estimated {format_duration(estimate)} (rough, from one timed prompt; --lengths, --depths and --limit "
+        "change the size)"
+    )
 
 
 def score_prediction(prediction: str, expected: Sequence[str]) -> float:
