@@ -143,6 +143,60 @@ def make_longbench(folder: Path) -> None:
     (folder / "data" / "trec.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
+def _conversion_fixtures():
+    """tests/test_conversion.py's tiny source checkpoints (one definition of each on-disk format)."""
+    import test_conversion
+
+    return test_conversion
+
+
+def make_qwen3_5_moe(folder: Path) -> None:
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+    fixtures = _conversion_fixtures()
+    config = Qwen3_5MoeTextConfig(**fixtures.BASE, head_dim=16, rope_parameters=fixtures.QWEN_ROPE, **fixtures.MOE)
+    Qwen3_5MoeForCausalLM(config).save_pretrained(folder)
+
+
+def make_qwen3_next(folder: Path) -> None:
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    fixtures = _conversion_fixtures()
+    config = Qwen3NextConfig(**fixtures.BASE, head_dim=16, intermediate_size=48, decoder_sparse_step=1,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25},
+                             **fixtures.MOE)
+    Qwen3NextForCausalLM(config).save_pretrained(folder)
+
+
+def make_olmo_hybrid(folder: Path) -> None:
+    from transformers import OlmoHybridConfig, OlmoHybridForCausalLM
+
+    config = OlmoHybridConfig(**_conversion_fixtures().BASE, intermediate_size=48, linear_allow_neg_eigval=True)
+    OlmoHybridForCausalLM(config).save_pretrained(folder)
+
+
+def make_fla(folder: Path) -> None:
+    fixtures = _conversion_fixtures()
+    reference = fixtures.qwen3_5_text(tie=True, layer_types=["linear_attention"] * 3)
+    fixtures.write_fla_checkpoint(folder, reference, [], tie=True)
+
+
+def make_lm_engine(folder: Path) -> None:
+    fixtures = _conversion_fixtures()
+    fixtures.write_lm_engine_checkpoint(folder, fixtures.qwen3_5_text(tie=False), rope_dim=4)
+
+
+SOURCE_FAMILIES: dict[str, Callable[[Path], None]] = {
+    "qwen3_5": lambda folder: _conversion_fixtures().qwen3_5_text().save_pretrained(folder),
+    "qwen3_5_moe": make_qwen3_5_moe,
+    "qwen3_next": make_qwen3_next,
+    "olmo_hybrid": make_olmo_hybrid,
+    "gated_deltanet (fla)": make_fla,
+    "gpt_base (lm-engine)": make_lm_engine,
+}
+"""`path/to/gdn-hybrid` as each family `m2rnn convert` reads (README's table): layer 0 is a GDN layer in each."""
+
+
 INPUTS: dict[str, Callable[[Path], None]] = {
     "MODEL": make_model,
     "my-m2rnn": make_my_m2rnn,
@@ -166,6 +220,7 @@ class Case:
     hint: str = ""  # for "offline": what the one-line message must name
     stdout: str = ""  # a regular expression a successful run's stdout must match
     fake_hub: bool = False  # also push to a local fake Hub, which must receive the folder
+    variants: dict[str, Callable[[Path], None]] | None = None  # run once per way of building `inputs[0]`
     timeout: float = 300.0
     slow: bool = False
 
@@ -222,6 +277,10 @@ CASES: dict[str, Case] = {
     "m2rnn eval s3 MODEL --lengths 4,8,16,32,64,128,256,512 --train-length 128 --limit 16 --output-dir out/s3": Case(
         inputs=("MODEL",), outputs=("out/s3/results.json",)),
     # ----- conversion (README)
+    "m2rnn convert path/to/gdn-hybrid out/imported": Case(
+        inputs=("path/to/gdn-hybrid",), variants=SOURCE_FAMILIES, outputs=("out/imported/config.json",)),
+    "m2rnn convert path/to/gdn-hybrid out/swapped --swap-layers 0 --init fresh": Case(
+        inputs=("path/to/gdn-hybrid",), variants=SOURCE_FAMILIES, outputs=("out/swapped/config.json",)),
     "m2rnn convert Qwen3.5-0.8B out/qwen35-m2rnn --swap-layers 0,12 --init transplant --dtype bf16 --verify": Case(
         inputs=("Qwen3.5-0.8B",), outputs=("out/qwen35-m2rnn/config.json",), stdout=r"(?i)max.*diff"),
     # ----- speed (docs/speed.md)
@@ -273,12 +332,16 @@ def child_env(workdir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def prepare(workdir: Path, case: Case, built_inputs: Path) -> None:
+def prepare(workdir: Path, case: Case, built_inputs: Path, variant: str | None = None) -> None:
     (workdir / "examples").symlink_to(ROOT / "examples")  # read-only here: scripts write under runs/ in workdir
     (workdir / "benchmarks").mkdir()
     for script in (ROOT / "benchmarks").glob("*.py"):  # copied: bench_model.py writes beside itself by default
         shutil.copy(script, workdir / "benchmarks" / script.name)
     for name in case.inputs:
+        if variant is not None and name == case.inputs[0]:
+            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            case.variants[variant](workdir / name)
+            continue
         if name in PRODUCED_BY:
             run(PRODUCED_BY[name], workdir, child_env(workdir)).check_returncode()
             continue
@@ -314,12 +377,14 @@ def _params():
     for command, files in DOCUMENTED.items():
         case = CASES.get(command)
         marks = [pytest.mark.slow] if case is not None and case.slow else []
-        params.append(pytest.param(command, id=f"{files[0]}: {command[:90]}", marks=marks))
+        for variant in (case.variants if case is not None and case.variants else [None]):
+            label = f" [{variant}]" if variant else ""
+            params.append(pytest.param(command, variant, id=f"{files[0]}: {command[:90]}{label}", marks=marks))
     return params
 
 
-@pytest.mark.parametrize("command", _params())
-def test_documented_command(command, built_inputs, tmp_path):
+@pytest.mark.parametrize(("command", "variant"), _params())
+def test_documented_command(command, variant, built_inputs, tmp_path):
     case = CASES.get(command)
     assert case is not None, (
         f"`{command}` ({', '.join(DOCUMENTED[command])}) has no entry in CASES: every documented command is run "
@@ -332,7 +397,7 @@ def test_documented_command(command, built_inputs, tmp_path):
         return
     workdir = tmp_path / "work"
     workdir.mkdir()
-    prepare(workdir, case, built_inputs)
+    prepare(workdir, case, built_inputs, variant)
     env = child_env(workdir)
     if case.expect == "offline":
         before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and ".hf-home" not in p.parts
