@@ -265,7 +265,7 @@ CASES: dict[str, Case] = {
     # ----- evaluation (README)
     "m2rnn eval lm-eval MODEL --tasks lambada_openai,hellaswag,piqa --batch-size 16 --output-dir out/lm-eval": Case(
         inputs=("MODEL",), expect="offline", hint="--include-path"),
-    "m2rnn eval lm-eval MODEL --tasks m2rnn_example --include-path examples/lm_eval_tasks --output-dir out/lm-eval-local":
+    "m2rnn eval lm-eval MODEL --tasks m2rnn_example_choice,m2rnn_example_generate --include-path examples/lm_eval_tasks --output-dir out/lm-eval-local":
         Case(inputs=("MODEL",), outputs=("out/lm-eval-local/results.json",)),
     "m2rnn eval longbench MODEL --tasks paper --max-length 31500 --batch-size 4 --output-dir out/longbench": Case(
         inputs=("MODEL",), expect="offline", hint="--data-dir"),
@@ -353,8 +353,17 @@ def prepare(workdir: Path, case: Case, built_inputs: Path, variant: str | None =
 
 
 def run(command: str, workdir: Path, env: dict[str, str], timeout: float = 300.0) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", command], cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    """`bash -c command` in `workdir`; past `timeout` its whole process group is killed (launchers start children)."""
+    process = subprocess.Popen(["bash", "-c", command], cwd=workdir, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"`{command}` still ran after {timeout:.0f} s\n--- stdout (tail)\n{stdout[-3000:]}\n"
+                    f"--- stderr (tail)\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def describe(command: str, result: subprocess.CompletedProcess) -> str:
@@ -363,7 +372,7 @@ def describe(command: str, result: subprocess.CompletedProcess) -> str:
 
 def assert_fails_fast_in_one_line(command: str, workdir: Path, env: dict[str, str], mention: str) -> None:
     started = time.perf_counter()
-    result = run(command, workdir, env, timeout=120)
+    result = run(command, workdir, env, timeout=4 * OFFLINE_SECONDS)
     seconds = time.perf_counter() - started
     lines = [line for line in result.stderr.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
     assert result.returncode == 1, describe(command, result)
@@ -499,3 +508,23 @@ class FakeHub:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The examples follow the project's output rule
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["finetune.py", "finetune_trainer.py", "finetune_lora.py", "heal_swapped_layer.py"])
+def test_examples_never_replace_a_folder_they_did_not_write(script, tmp_path):
+    """`--overwrite` on a folder of the user's is refused in one line before any training, and the folder is kept
+    (heal_swapped_layer.py used to delete --output-dir whatever it was)."""
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("mine")
+    command = f"python examples/{script} --output-dir notes --overwrite"
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    started = time.perf_counter()
+    result = run(command, tmp_path, child_env(tmp_path), timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
+    assert result.returncode == 1 and "was not written by m2rnn" in lines[-1], describe(command, result)
+    assert len(lines) == 1 and time.perf_counter() - started < 30, describe(command, result)
+    assert sorted(p.name for p in keep.iterdir()) == ["mine.txt"] and (keep / "mine.txt").read_text() == "mine"
