@@ -249,14 +249,14 @@ CASES: dict[str, Case] = {
     "python examples/heal_swapped_layer.py": Case(
         outputs=("heal-example-output/healed/results.json", "heal-example-output/healed/loss_curves.png"), slow=True),
     "m2rnn heal path/to/gdn-hybrid healed --swap-layers 5 --text-files corpus.txt": Case(
-        inputs=("path/to/gdn-hybrid", "corpus.txt"), outputs=("healed/results.json", "healed/config.json"), slow=True),
+        inputs=("path/to/gdn-hybrid", "corpus.txt"), outputs=("healed/results.json", "healed/config.json"), slow=True, timeout=600),
     "m2rnn convert Qwen3.5-0.8B swapped --swap-layers 4,12": Case(inputs=("Qwen3.5-0.8B",),
                                                                   outputs=("swapped/config.json",)),
     "m2rnn heal Qwen3.5-0.8B healed --student swapped --dataset wikitext --dataset-config wikitext-103-raw-v1 "
     "--max-tokens 5000000 --block-size 512 --batch-size 8 --stage1-steps 500 --stage2-steps 1000 --dtype bfloat16":
         Case(inputs=("Qwen3.5-0.8B", "swapped"), expect="offline", hint=r"--text-files|a local path"),
     "m2rnn heal Qwen3.5-0.8B healed --swap-layers 4,12 --init fresh --text-files corpus.jsonl": Case(
-        inputs=("Qwen3.5-0.8B", "corpus.jsonl"), outputs=("healed/results.json",), slow=True),
+        inputs=("Qwen3.5-0.8B", "corpus.jsonl"), outputs=("healed/results.json",), slow=True, timeout=600),
     # ----- publishing (README)
     "m2rnn card my-m2rnn --results results.json": Case(inputs=("my-m2rnn",), stdout=r"lambada_openai"),
     "m2rnn push my-m2rnn me/my-m2rnn --check-only": Case(inputs=("my-m2rnn",)),
