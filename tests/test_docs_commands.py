@@ -12,7 +12,8 @@ What a command must do (`Case.expect`):
 - "offline": it needs the network, which tests never have (HF_HUB_OFFLINE=1): exit 1 within `OFFLINE_SECONDS`
   with ONE stderr line that names the way to run offline (`Case.hint`);
 - "gpu": it needs CUDA; with a GPU it must succeed, without one it must refuse at once in one line naming CUDA.
-The README's install-and-test command is not run here: .ci/run runs it verbatim (tests/test_readme.py).
+The README's `python3 -m venv ... && pip install ... &&` prefix is dropped (the tests run in the installed
+environment): its demo runs here, and its install-and-test line is checked to be a line of .ci/run, which runs it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
