@@ -1,7 +1,7 @@
 """Fine-tune an M2RNN model with a plain loop on `accelerate`: one script for one CPU, one GPU, DDP or FSDP2.
 
     python examples/finetune.py --cpu                                     # one process
-    accelerate launch --config_file examples/accelerate/ddp.yaml examples/finetune.py
+    accelerate launch --config_file examples/accelerate/ddp.yaml examples/finetune.py     # gloo on a CPU machine
     accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/finetune.py
     torchrun --nproc_per_node 2 examples/finetune.py --cpu --check-replicas   # DDP on CPU (gloo)
 
@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFl
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
 from m2rnn.tokenization import BYTE_VOCAB_SIZE, byte_level_tokenizer
 from m2rnn.training import text_documents
-from m2rnn.utils import staged_folder
+from m2rnn.utils import OutputError, check_output, staged_output
 
 DATA = Path(__file__).parent / "data" / "tiny_corpus.txt"
 
@@ -38,13 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="checkpoint folder or Hub id; default: the tiny preset from scratch")
     parser.add_argument("--data", default=str(DATA), help="UTF-8 text file, documents separated by blank lines")
     parser.add_argument("--output-dir", default="runs/finetune", help="where the trained model is written")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output-dir this script wrote before")
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4, help="documents per micro-batch and process")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per document piece")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present (gloo for DDP)")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present (gloo for DDP); "
+                        "implied on a machine without a GPU")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process on CPU")
     parser.add_argument("--check-replicas", action="store_true", help="after training, check (DDP) that every "
                         "process holds the same weights")
@@ -72,13 +74,18 @@ def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    inputs = [args.model, args.data]
+    if not args.no_save:  # every process refuses a bad --output-dir before training, so none waits for another
+        check_output(args.output_dir, inputs, args.overwrite, option="--output-dir")
     set_seed(args.seed)  # the same initial weights on every process
     model, tokenizer = load_model_and_tokenizer(args.model)
     # MoE experts that receive no token on one process get no gradient there: DDP must look for them, or its
     # all-reduces go out of step across processes (replicas then drift apart silently or hang)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=model.config.num_experts > 0)
     # accumulation is done by hand below: accelerate's own would divide the token-exact loss a second time
-    accelerator = Accelerator(cpu=args.cpu, kwargs_handlers=[ddp])
+    # without a GPU, a launcher's MULTI_GPU config would give each process its own single-process state (every
+    # process the main one, each training alone and writing the output); on CPU the processes join over gloo
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), kwargs_handlers=[ddp])
     if accelerator.device.type == "cpu":
         torch.set_num_threads(args.threads)
     model.config.use_cache = False
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if accelerator.is_main_process:
             print(f"weights identical on all {accelerator.num_processes} processes: {result['replicas_equal']}")
     if not args.no_save:
-        save(accelerator, model, tokenizer, args.output_dir)
+        save(accelerator, model, tokenizer, args.output_dir, inputs, args.overwrite)
     accelerator.end_training()
     return result
 
@@ -136,12 +143,13 @@ def replicas_equal(accelerator: Accelerator, model: torch.nn.Module) -> bool:
     return bool((gathered == gathered[0]).all().item())
 
 
-def save(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any, output_dir: str) -> None:
+def save(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any, output_dir: str,
+         inputs: list[str | None], overwrite: bool) -> None:
     """Full (gathered, for FSDP2) weights from the main process into a staged folder renamed into place."""
     state_dict = accelerator.get_state_dict(model)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with staged_folder(output_dir) as staging:
+        with staged_output(output_dir, inputs, overwrite, option="--output-dir") as staging:
             accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
             tokenizer.save_pretrained(staging)
         print(f"saved to {output_dir}")
@@ -149,4 +157,7 @@ def save(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any, outpu
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OutputError as error:  # one line, as the m2rnn commands print it
+        raise SystemExit(f"{Path(__file__).name}: error: {error}") from None

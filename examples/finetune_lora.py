@@ -30,7 +30,7 @@ from m2rnn.training import (
     recurrent_modules_to_save,
     text_documents,
 )
-from m2rnn.utils import staged_folder
+from m2rnn.utils import OutputError, staged_output
 
 DATA = Path(__file__).parent / "data" / "tiny_corpus.txt"
 
@@ -40,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", help="base checkpoint folder or Hub id; default: a tiny model saved first")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--output-dir", default="runs/finetune_lora", help="gets adapter/ and merged/")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output-dir this script wrote before")
     parser.add_argument("--targets", choices=["default", "all-linear"], default="all-linear")
     parser.add_argument("--no-state-weight", action="store_true", help="do not adapt the M2RNN weights W")
     parser.add_argument("--train-recurrent", action="store_true", help="train the recurrent mixers in full")
@@ -60,15 +61,21 @@ def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
-    output = Path(args.output_dir)
+    inputs = [args.model, args.data]
+    # the whole --output-dir (base/, adapter/, merged/) is built in a staging folder and renamed into place at the end
+    with staged_output(args.output_dir, inputs, args.overwrite, option="--output-dir") as output:
+        train_save_and_merge(args, output)
+    print(f"adapter in {Path(args.output_dir) / 'adapter'}, merged model in {Path(args.output_dir) / 'merged'}")
+
+
+def train_save_and_merge(args: argparse.Namespace, output: Path) -> None:
     if args.model is None:  # a fixed base checkpoint, so the adapter can be reloaded onto the same weights
         torch.manual_seed(0)
         config = M2RNNConfig.from_preset(
             "tiny", vocab_size=BYTE_VOCAB_SIZE, pad_token_id=0, bos_token_id=1, eos_token_id=2
         )
-        with staged_folder(output / "base") as staging:
-            M2RNNForCausalLM(config).save_pretrained(staging)
-            byte_level_tokenizer().save_pretrained(staging)
+        M2RNNForCausalLM(config).save_pretrained(output / "base")
+        byte_level_tokenizer().save_pretrained(output / "base")
         args.model = str(output / "base")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
 
@@ -100,8 +107,7 @@ def main() -> None:
     probe = tokenizer("The lighthouse keeper", return_tensors="pt").input_ids
     with torch.no_grad():
         adapted = model(probe).logits
-    with staged_folder(output / "adapter") as staging:
-        model.save_pretrained(staging)  # adapter_config.json + adapter_model.safetensors only
+    model.save_pretrained(output / "adapter")  # adapter_config.json + adapter_model.safetensors only
     reloaded = PeftModel.from_pretrained(load_base(args.model), output / "adapter").eval()
     with torch.no_grad():
         reload_error = (reloaded(probe).logits - adapted).abs().max().item()
@@ -111,11 +117,12 @@ def main() -> None:
     print(f"max |Δlogit| vs the trained adapter: reloaded {reload_error:.1e}, merged {merged_error:.1e}")
     if max(reload_error, merged_error) > 1e-4:
         raise SystemExit(f"reloading or merging changed the outputs: {reload_error}, {merged_error}")
-    with staged_folder(output / "merged") as staging:
-        merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-    print(f"adapter in {output / 'adapter'}, merged model in {output / 'merged'}")
+    merged.save_pretrained(output / "merged")
+    tokenizer.save_pretrained(output / "merged")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OutputError as error:  # one line, as the m2rnn commands print it
+        raise SystemExit(f"{Path(__file__).name}: error: {error}") from None

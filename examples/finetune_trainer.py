@@ -29,7 +29,7 @@ from transformers import (
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
 from m2rnn.tokenization import BYTE_VOCAB_SIZE, byte_level_tokenizer
 from m2rnn.training import text_documents
-from m2rnn.utils import staged_folder
+from m2rnn.utils import OutputError, check_output, staged_output
 
 DATA = Path(__file__).parent / "data" / "tiny_corpus.txt"
 
@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", help="checkpoint folder or Hub id; default: the tiny preset from scratch")
     parser.add_argument("--data", default=str(DATA), help="UTF-8 text file, documents separated by blank lines")
     parser.add_argument("--output-dir", default="runs/finetune_trainer")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output-dir this script wrote before")
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--accumulation", type=int, default=1)
@@ -53,6 +54,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    inputs = [args.model, args.data]
+    check_output(args.output_dir, inputs, args.overwrite, option="--output-dir")  # before training, not after
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
     if args.model is None:
@@ -88,7 +91,7 @@ def main() -> None:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     print(f"loss: first logged {losses[0]:.3f}, last logged {losses[-1]:.3f}")
     if trainer.is_world_process_zero():
-        with staged_folder(args.output_dir) as staging:
+        with staged_output(args.output_dir, inputs, args.overwrite, option="--output-dir") as staging:
             trainer.save_model(str(staging))  # weights, config, code files and the tokenizer
         print(f"saved to {args.output_dir}")
         reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir).eval()
@@ -98,4 +101,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OutputError as error:  # one line, as the m2rnn commands print it
+        raise SystemExit(f"{Path(__file__).name}: error: {error}") from None

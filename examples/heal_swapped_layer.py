@@ -17,7 +17,6 @@ The same healing from the command line, on the saved teacher:
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +24,8 @@ import torch
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
 from m2rnn.heal import HealSettings, TextSource, byte_level_tokenizer, heal_checkpoint, load_text_blocks
-from m2rnn.heal.healing import lm_loss, mean_layer_mse
+from m2rnn.heal.healing import HealResult, lm_loss, mean_layer_mse
+from m2rnn.utils import OutputError, staged_output
 
 TEXT = Path(__file__).parent / "data" / "heal" / "river_town.txt"
 BLOCK_SIZE = 32
@@ -64,7 +64,8 @@ def train_teacher(model: M2RNNForCausalLM, blocks: torch.Tensor, steps: int, see
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default="heal-example-output", help="replaced if it exists")
+    parser.add_argument("--output-dir", default="heal-example-output", help="gets teacher/ and healed/")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output-dir this script wrote before")
     parser.add_argument("--init", choices=("fresh", "transplant"), default="fresh")
     parser.add_argument("--teacher-steps", type=int, default=120)
     parser.add_argument("--stage1-steps", type=int, default=80)
@@ -74,10 +75,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    output = Path(args.output_dir)
-    if output.exists():
-        shutil.rmtree(output)
+    # teacher/ and healed/ are built in a staging folder that becomes --output-dir once both are complete
+    with staged_output(args.output_dir, [TEXT], args.overwrite, option="--output-dir") as staging:
+        result = teach_and_heal(args, staging)
+    report(args, result, started)
 
+
+def teach_and_heal(args: argparse.Namespace, output: Path) -> HealResult:
+    """Train the tiny teacher, save it to `output/teacher`, then swap layer 1 and heal it into `output/healed`."""
+    started = time.perf_counter()
     tokenizer = byte_level_tokenizer()
     text = TextSource(files=[TEXT])
     blocks = load_text_blocks(text, tokenizer, block_size=BLOCK_SIZE)
@@ -96,9 +102,13 @@ def main() -> None:
         batch_size=16, stage1_steps=args.stage1_steps, stage1_lr=3e-3, stage2="lora", stage2_steps=args.stage2_steps,
         stage2_lr=2e-3, eval_every=20, seed=args.seed, progress=True,
     )
-    result = heal_checkpoint(output / "teacher", output / "healed", text, swap_layers=[1], init=args.init,
-                             settings=settings, block_size=BLOCK_SIZE)
+    return heal_checkpoint(output / "teacher", output / "healed", text, swap_layers=[1], init=args.init,
+                           settings=settings, block_size=BLOCK_SIZE)
 
+
+def report(args: argparse.Namespace, result: HealResult, started: float) -> None:
+    """The held-out numbers before and after each stage."""
+    output = Path(args.output_dir)
     print(f"\nswapped layer 1 (gated_deltanet -> m2rnn, {args.init} init); held-out numbers "
           f"({result.data['eval_blocks_measured']} blocks of {BLOCK_SIZE} bytes):")
     print(f"{'':>16} {'layer-1 MSE':>12} {'relative':>9} {'KL':>8} {'LM loss':>8}")
@@ -115,4 +125,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OutputError as error:  # one line, as the m2rnn commands print it
+        raise SystemExit(f"{Path(__file__).name}: error: {error}") from None
