@@ -43,11 +43,13 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """`bare`: the tiny preset as save_pretrained writes it (no tokenizer); `byte`: the same with 260 ids;
-    `tokenizer`: the project's byte tokenizer alone; `with_tokenizer`: model and tokenizer in one folder."""
+    `small_vocab`: 200 ids, fewer than the byte tokenizer's; `tokenizer`: the project's byte tokenizer alone;
+    `with_tokenizer`: model and tokenizer in one folder."""
     root = tmp_path_factory.mktemp("eval_cli")
     torch.manual_seed(0)
     M2RNNForCausalLM(M2RNNConfig.from_preset("tiny")).save_pretrained(root / "bare")
     M2RNNForCausalLM(M2RNNConfig.from_preset("tiny", vocab_size=BYTE_VOCAB_SIZE)).save_pretrained(root / "byte")
+    M2RNNForCausalLM(M2RNNConfig.from_preset("tiny", vocab_size=200)).save_pretrained(root / "small_vocab")
     byte_level_tokenizer().save_pretrained(root / "tokenizer")
     M2RNNForCausalLM(M2RNNConfig.from_preset("tiny", vocab_size=BYTE_VOCAB_SIZE)).save_pretrained(
         root / "with_tokenizer")
@@ -90,7 +92,7 @@ def test_tokenizer_option_runs_niah_with_the_byte_tokenizer(models, tmp_path):
 
 
 def test_tokenizer_that_does_not_fit_the_vocabulary_is_refused(models, tmp_path):
-    result = m2rnn("eval", "niah", str(models / "bare"), "--tokenizer", str(models / "tokenizer"),
+    result = m2rnn("eval", "niah", str(models / "small_vocab"), "--tokenizer", str(models / "tokenizer"),
                    "--output-dir", str(tmp_path / "out"))
     assert "has 260 tokens, more than the vocabulary" in error_line(result)
 
@@ -156,7 +158,7 @@ def test_shipped_example_task_runs_offline(models, tmp_path):
         (["s3", "{model}", "--limit", "1e12"], "at most 100000 samples"),
         (["niah", "{model}", "--lengths", "256,512", "--tasks", "multiquery"],
          "--lengths: 256 tokens is too short for the 'multiquery' prompt"),
-        (["niah", "{model}", "--dtype", "bf17"], "--dtype: dtype 'bf17' is not one of"),
+        (["niah", "{model}", "--dtype", "bf17"], "--dtype: dtype 'bf17' is not supported; choose one of"),
         (["niah", "{model}", "--device", "cuda:7"], "--device 'cuda:7'"),
         (["lm-eval", "{model}", "--tasks", "m2rnn_example_choice", "--include-path", "{missing}"],
          "no such folder"),
