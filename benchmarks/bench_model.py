@@ -486,7 +486,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     names = lambda text: [x for x in text.split(",") if x]  # noqa: E731
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda",
+                        help="default: %(default)s; --device cpu --preset-scale tiny is the CPU smoke run")
     parser.add_argument("--preset-scale", choices=sorted(DEFAULTS), default="400m",
                         help="400m: the paper's presets; tiny: 4-layer versions for a CPU smoke run")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 (fp32 on CPU)")
@@ -528,7 +529,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.train_tokens = args.train_tokens or defaults["tokens"]
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here; use --device cpu --preset-scale tiny for a smoke run")
+        sys.exit("bench_model.py: --device cuda: no CUDA device here (a GPU benchmark); "
+                 "--device cpu --preset-scale tiny is the CPU smoke run")
     return args
 
 

@@ -288,6 +288,8 @@ CASES: dict[str, Case] = {
     "python benchmarks/bench_model.py": Case(expect="gpu"),
     "python benchmarks/bench_model.py --quick": Case(expect="gpu"),
     "python benchmarks/bench_model.py --only decode --models hybrid-m2rnn,llama --contexts 1024": Case(expect="gpu"),
+    "python benchmarks/bench_model.py --fla-unguarded --only train --models hybrid-gdn,hybrid-gdn-m2rnn-1l --quick":
+        Case(expect="gpu"),
     "python benchmarks/bench_model.py --device cpu --preset-scale tiny --output-dir /tmp/bench": Case(
         outputs=("/tmp/bench/model_results.md",)),
 }

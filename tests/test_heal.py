@@ -437,7 +437,7 @@ def test_dtype_spellings_and_bad_values(checkpoints, tmp_path, capsys):
     assert _dtype("bf16") is _dtype("bfloat16") is torch.bfloat16
     assert _dtype("fp16") is _dtype("float16") is torch.float16 and _dtype("fp32") is torch.float32
     assert main(heal_args(checkpoints, tmp_path / "out", "--swap-layers", "1", "--dtype", "int8")) == 1
-    assert "--dtype: dtype 'int8' is not one of float32, fp32" in capsys.readouterr().err
+    assert "--dtype: dtype 'int8' is not supported; choose one of: float32, fp32" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -107,6 +107,8 @@ def read_dataset(name: str, config: str | None, split: str, text_column: str) ->
         rows = datasets.load_dataset(name, config, split=split)
     except Exception as error:  # unknown split or config (the message lists the valid ones), not found, offline
         reason = " ".join(str(error).split()) or type(error).__name__
+        if "offline" in reason.lower() or "couldn't reach" in reason.lower():
+            reason += "; offline, give local text with --text-files or a local dataset folder as --dataset"
         raise HealError(f"dataset {name!r} (config {config!r}, split {split!r}): {reason}") from error
     if text_column not in rows.column_names:
         raise HealError(
