@@ -210,3 +210,44 @@ def parse_dtype(name: str) -> "torch.dtype":
     if canonical is None:
         raise ValueError(f"dtype {name!r} is not supported; choose one of: {', '.join(DTYPE_NAMES)}")
     return getattr(torch, canonical)
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """With `enabled=False` (`--no-progress`), every progress bar made inside the block stays hidden: transformers'
+    and huggingface_hub's through their switches (restored afterwards), and those of libraries without one
+    (datasets' loaders, lm-eval) by telling tqdm itself."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from tqdm import std
+    from transformers.utils import logging
+
+    was_transformers, was_hub = logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    logging.disable_progress_bar()
+    disable_progress_bars()
+    original_init = std.tqdm.__dict__["__init__"]
+
+    def quiet_init(self, *args, **kwargs) -> None:
+        kwargs["disable"] = True
+        original_init.__get__(self, type(self))(*args, **kwargs)  # a function or a partialmethod (lm-eval's patch)
+
+    std.tqdm.__init__ = quiet_init
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = original_init
+        if was_transformers:
+            logging.enable_progress_bar()
+        if was_hub:
+            enable_progress_bars()
+
+
+def format_duration(seconds: float) -> str:
+    """`seconds` as a rough human duration for time estimates: "40 s", "7 min", "3.2 h"."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from ..modeling_m2rnn import M2RNNForCausalLM
-from ..utils import check_output, parse_dtype, staged_output
+from ..utils import check_output, parse_dtype, progress_bars, staged_output
 from .common import ImportPlan, check_plan, expected_tensors
 from .io import CheckpointReader, ConversionError, copy_side_files, read_config, side_files, write_sharded_safetensors
 from .swap import FP32_PARAMS, INITS, swap_plan
@@ -243,22 +242,6 @@ def _check_verify_possible(family: Any, source: str | os.PathLike) -> None:
     problem = getattr(family, "reference_unavailable", lambda: None)()
     if problem:
         raise ConversionError(f"--verify for {source}: {problem}")
-
-
-@contextmanager
-def progress_bars(enabled: bool) -> Iterator[None]:
-    """With `enabled=False`, transformers' and huggingface_hub's own progress bars are off inside the block too."""
-    from huggingface_hub.utils import are_progress_bars_disabled
-    from transformers.utils import logging
-
-    if enabled or not (logging.is_progress_bar_enabled() and not are_progress_bars_disabled()):
-        yield
-        return
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.enable_progress_bar()
 
 
 def _build(plan: ImportPlan, reader: CheckpointReader, name: str) -> torch.Tensor:

@@ -201,7 +201,7 @@ def _check_model_options(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace, inputs: list[str | None], body: Callable[[Path], str]) -> int:
     """Run `body(folder)` in a staged --output-dir (every bar silenced with --no-progress); print the summary."""
     from ..utils import staged_output
-    from .common import progress_bars
+    from ..utils import progress_bars
 
     _check_model_options(args)
     inputs = [args.model, getattr(args, "tokenizer", None), *inputs]

@@ -272,28 +272,6 @@ def hub_access(*, needed: bool, what: str, hint: str) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------- progress
 
 
-@contextlib.contextmanager
-def progress_bars(enabled: bool) -> Iterator[None]:
-    """With `enabled=False`, silence every tqdm bar made in the body: ours and those of transformers,
-    huggingface_hub, datasets and lm-eval (lm-eval has no switch of its own, so tqdm itself is told)."""
-    if enabled:
-        yield
-        return
-    from tqdm import std
-
-    original = std.tqdm.__dict__["__init__"]
-
-    def quiet_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs["disable"] = True
-        original.__get__(self, type(self))(*args, **kwargs)
-
-    std.tqdm.__init__ = quiet_init
-    try:
-        yield
-    finally:
-        std.tqdm.__init__ = original
-
-
 # ---------------------------------------------------------------------------------------------------- plans
 
 
@@ -318,15 +296,6 @@ def seconds_per_token(model: torch.nn.Module, prompt_tokens: int = 512, new_toke
         model.generate(prompt, **generation)
         generate = time.perf_counter() - start
     return prefill / prompt_tokens, max(generate - prefill, 0.0) / new_tokens
-
-
-def format_duration(seconds: float) -> str:
-    """`seconds` as a rough human duration: "~40 s", "~7 min", "~3.2 h"."""
-    if seconds < 90:
-        return f"~{max(1, round(seconds))} s"
-    if seconds < 5400:
-        return f"~{round(seconds / 60)} min"
-    return f"~{seconds / 3600:.1f} h"
 
 
 def announce(command: str, text: str) -> None:

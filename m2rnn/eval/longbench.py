@@ -341,7 +341,8 @@ def plan(model: Any, tokenizer: Any, data: dict[str, list[dict]], max_length: in
 
     Prompt tokens are estimated from each task's first example (characters per token), capped at `max_length`.
     """
-    from .common import format_duration, seconds_per_token
+    from ..utils import format_duration
+    from .common import seconds_per_token
 
     prompt_tokens = new_tokens = 0
     for task, examples in data.items():
@@ -356,7 +357,7 @@ def plan(model: Any, tokenizer: Any, data: dict[str, list[dict]], max_length: in
     count = sum(map(len, data.values()))
     return (
         f"{len(data)} tasks, {count} examples, prompt budget {max_length} tokens: ~{prompt_tokens / 1e6:.2f}M prompt "
-        f"tokens, up to {new_tokens} new tokens on {where}; estimated {format_duration(estimate)} (rough, from one "
+        f"tokens, up to {new_tokens} new tokens on {where}; estimated ~{format_duration(estimate)} (rough, from one "
         "timed prompt; --limit and --max-length change the size)"
     )
 

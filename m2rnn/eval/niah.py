@@ -238,7 +238,8 @@ def check_lengths(tokenizer: Any, tasks: Sequence[str], lengths: Sequence[int], 
 def plan(model: Any, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float], samples: int,
          where: str) -> str:
     """What a run will do (prompts, tokens) and a rough time estimate from timing the model once."""
-    from .common import format_duration, seconds_per_token
+    from ..utils import format_duration
+    from .common import seconds_per_token
 
     per_cell = len(depths) * samples
     prompts = len(tasks) * len(lengths) * per_cell
@@ -250,7 +251,7 @@ def plan(model: Any, tasks: Sequence[str], lengths: Sequence[int], depths: Seque
     return (
         f"{len(tasks)} tasks × {len(lengths)} lengths ({shown}) × {len(depths)} depths × {samples} sample(s) = "
         f"{prompts} prompts, {prompt_tokens / 1e6:.2f}M prompt tokens, up to {new_tokens} new tokens on {where}; "
-        f"estimated {format_duration(estimate)} (rough, from one timed prompt; --lengths, --depths and --limit "
+        f"estimated ~{format_duration(estimate)} (rough, from one timed prompt; --lengths, --depths and --limit "
         "change the size)"
     )
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling_m2rnn import M2RNNForCausalLM, M2RNNMixer
+from ..utils import format_duration
 from .data import HealError, TextBlocks, batches, eval_batches
 
 STAGE2_MODES = ("lora", "full", "none")
@@ -581,17 +582,9 @@ def describe_plan(
         f"({per_epoch} steps per epoch)",
         f"stage 1 (layer matching): {settings.stage1_steps} steps at lr {settings.stage1_lr:g}; {stage2}; held-out "
         f"check every {settings.eval_every} steps on {measured} blocks",
-        f"estimate: about {_format_duration(seconds)} (from one timed batch); fewer --stage1-steps / --stage2-steps "
+        f"estimate: about {format_duration(seconds)} (from one timed batch); fewer --stage1-steps / --stage2-steps "
         "or a smaller --block-size / --batch-size run faster",
     ]
-
-
-def _format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,12 +8,11 @@ and loss_curves.png.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 
 from ..model_card import hub_repo_id
 from ..modeling_m2rnn import M2RNNForCausalLM
-from ..utils import check_output, parse_dtype, staged_output
+from ..utils import check_output, parse_dtype, progress_bars, staged_output
 from .data import HealError, TextBlocks, TextSource, check_hub_name, load_text_blocks
 from .healing import HealResult, HealSettings, describe_plan, heal, swapped_layers
 from .report import write_results
@@ -50,27 +49,6 @@ def _model_type(folder: str | os.PathLike, role: str) -> str | None:
     except (ValueError, AttributeError) as error:
         raise HealError(f"{role} {str(config)!r} is not a JSON object ({error})") from error
     return model_type
-
-
-@contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """With `enabled=False`, transformers' and huggingface_hub's own bars (loading, writing shards) stay hidden too."""
-    if enabled:
-        yield
-        return
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging
-
-    was_transformers, was_hub = logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
-    logging.disable_progress_bar()
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_transformers:
-            logging.enable_progress_bar()
-        if was_hub:
-            enable_progress_bars()
 
 
 def load_teacher(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> M2RNNForCausalLM:
@@ -155,7 +133,7 @@ def heal_checkpoint(
     torch_dtype = _dtype(dtype)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    with _progress_bars(settings.progress):
+    with progress_bars(settings.progress):
         teacher_model = load_teacher(teacher, torch_dtype)
         if student is not None:
             student_model = load_student(student, torch_dtype)
