@@ -84,7 +84,7 @@ def test_a_user_cache_passed_to_generate_is_used(name):
     assert out.sequences.tolist() == model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False).tolist()
 
 
-@pytest.mark.parametrize("name", ["tiny", "m2rnn"])
+@pytest.mark.parametrize("name", ["tiny", "hybrid_nope", "m2rnn"])
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_left_padded_row_equals_the_row_alone(name, cache_implementation):
     model = make_model(name)

@@ -94,26 +94,6 @@ def test_attention_free_model_generates_with_its_own_cache():
     assert returned_cache(out).get_seq_length() == 8  # the last generated token is never fed back
 
 
-@pytest.mark.parametrize("name", ["tiny", "hybrid_nope", "m2rnn"])
-def test_left_padded_batch_equals_rows_alone(name):
-    model = make_model(name)
-    vocab = model.config.vocab_size
-    rows = [random_ids(1, 9, vocab, seed=2)[0], random_ids(1, 5, vocab, seed=3)[0]]
-    batch = torch.zeros(2, 9, dtype=torch.long)
-    mask = torch.zeros(2, 9, dtype=torch.long)
-    for i, row in enumerate(rows):
-        batch[i, -len(row) :] = row
-        mask[i, -len(row) :] = 1
-    padded = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    for i, row in enumerate(rows):
-        alone = model.generate(row[None], max_new_tokens=6, do_sample=False)
-        assert padded[i, -6:].tolist() == alone[0, -6:].tolist()
-    with torch.no_grad():
-        logits = model(batch, attention_mask=mask).logits
-        alone = model(rows[1][None]).logits
-    torch.testing.assert_close(logits[1, -5:], alone[0], rtol=1e-4, atol=1e-5)
-
-
 def test_beam_search_matches_the_no_cache_path():
     model = make_model("tiny")
     ids = random_ids(2, 5, model.config.vocab_size)
