@@ -224,9 +224,8 @@ def sweep(results: dict) -> None:
 
 VARIANTS = {  # name: M2RNNTritonConfig fields
     "step-by-step backward (default)": dict(),
-    "chain backward, 64-row tiles": dict(chain_backward=True),
-    "chain backward, 16-step passes of 64-row tiles": dict(chain_backward=True, backward_pass_steps=16),
-    "chain backward, 256-row tiles": dict(chain_backward=True, backward_pass_rows=256),
+    "split backward, 128-row parameter tiles": dict(split_backward=True),
+    "split backward, 64-row parameter tiles": dict(split_backward=True, backward_pass_rows=64),
 }
 
 
@@ -262,24 +261,29 @@ def variant_errors(op, batch=2, seqlen=1024, heads=84) -> dict:
     return {n: ((a.float() - b).norm() / b.norm()).item() for n, a, b in zip(names, got, want)}
 
 
-def variants(results: dict) -> None:
-    """Time each config variant (forward+backward at the 400M and 16K shapes) and measure its bf16 error."""
+def variants(results: dict, peer=None) -> None:
+    """Time each config variant (forward+backward at the 400M, 7B and 16K shapes, the 400M transient peak inside
+    backward) and measure its bf16 error; the peer's fwd+bwd at the same shapes beside."""
     rows = []
-    for name, fields in VARIANTS.items():
-        op = ours(dataclasses.replace(CONFIG, **fields))
+    shapes = ("400M", "7B", "400M 16K context")
+    candidates = [(name, ours(dataclasses.replace(CONFIG, **fields))) for name, fields in VARIANTS.items()]
+    for name, op in candidates + ([("xma (peer)", peer)] if peer is not None else []):
         try:
-            errors = variant_errors(op)
-            both = time_forward_backward(*SHAPES["400M"], op=op)
-            long = time_forward_backward(*SHAPES["400M 16K context"], op=op)
-            rows.append((name, both, long, errors))
+            errors = variant_errors(op) if name != "xma (peer)" else {}
+            times = [time_forward_backward(*SHAPES[shape], op=op) for shape in shapes]
+            peak = memory_kept_for_backward(*SHAPES["400M"], op=op)[1]
+            rows.append((name, times, peak, errors))
         except Exception as error:  # a variant that fails to build is reported, the others still run
-            rows.append((name, None, None, {"error": f"{type(error).__name__}: {str(error)[:200]}"}))
+            rows.append((name, [None] * len(shapes), None, {"error": f"{type(error).__name__}: {str(error)[:200]}"}))
         print(rows[-1], flush=True)
-    print("\n| variant | 400M fwd+bwd ms | 16K fwd+bwd ms | bf16 rel. error (y, dq, dk, dv, dW, df) |")
-    print("|---|---|---|---|")
-    for name, both, long, errors in rows:
-        times = " | ".join(f"{t:.3f}" if t is not None else "failed" for t in (both, long))
-        print(f"| {name} | {times} | {', '.join(f'{v:.1e}' if isinstance(v, float) else v for v in errors.values())} |")
+    print(f"\n| variant | {' | '.join(f'{shape} fwd+bwd ms' for shape in shapes)} | 400M peak in backward GB | "
+          "bf16 rel. error (y, dq, dk, dv, dW, df) |")
+    print("|---|---|---|---|---|---|")
+    for name, times, peak, errors in rows:
+        cells = " | ".join(f"{t:.3f}" if t is not None else "failed" for t in times)
+        peak_cell = f"{peak:.2f}" if peak is not None else ""
+        error_cells = ", ".join(f"{v:.1e}" if isinstance(v, float) else v for v in errors.values())
+        print(f"| {name} | {cells} | {peak_cell} | {error_cells} |")
     results["variants"] = rows
 
 
@@ -314,6 +318,7 @@ def main() -> None:
     parser.add_argument("--vs-xma", metavar="PATH", help="time the authors' xma kernel from this checkout/wheel too")
     parser.add_argument("--sweep", action="store_true", help="also time the row block variants")
     parser.add_argument("--variants", action="store_true", help="time and check the launch-config variants")
+    parser.add_argument("--variants-only", action="store_true", help="only the variants (and the peer beside them)")
     parser.add_argument("--profile", action="store_true", help="run one forward+backward (for ncu) and exit")
     parser.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE",
                         help="set a field of M2RNNTritonConfig for every timing (ints, True/False, None)")
@@ -329,6 +334,12 @@ def main() -> None:
                      "config": dataclasses.asdict(CONFIG)}
     peer, peer_note = xma_op(args.vs_xma) if args.vs_xma else (None, "not asked (--vs-xma PATH)")
     print("peer:", peer_note, flush=True)
+    if args.variants_only:
+        variants(results, peer)
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(results, out, indent=1)
+        return
 
     table = []
     for name, shape in SHAPES.items():
@@ -385,10 +396,10 @@ def main() -> None:
     print("\npeer:", peer_note)
     print("fla notes:", {name: note for name, (_, _, note) in gdn.items()})
     print("floors:", {name: {k: round(v, 3) for k, v in floors(*shape).items()} for name, shape in SHAPES.items()})
-    for kernel in (forward._m2rnn_fwd_kernel, backward._m2rnn_bwd_kernel, backward._m2rnn_bwd_chain_kernel):
+    for kernel in (forward._m2rnn_fwd_kernel, backward._m2rnn_bwd_kernel, backward._m2rnn_bwd_params_kernel):
         print(kernel.fn.__name__, "autotuned:", {str(key): str(cfg) for key, cfg in kernel.cache.items()})
     if args.variants:
-        variants(results)
+        variants(results, peer)
     if args.sweep:
         sweep(results)
     results.update(table=table, kept_gb=kept_gb, peak_gb=peak_gb, peer_memory=peer_memory, decode_eager_us=eager_us,
