@@ -6,7 +6,7 @@
 #   tests     pytest -m gpu: the Triton kernel tests and the model-on-CUDA tests (no interpreter)
 #   variants  bench_m2rnn.py --variants: time and check each kernel knob combination
 #   ncu       Nsight Compute stall reasons of one forward and backward launch at the 400M shape
-#             (NCU_KNOBS="--config chain_backward=True" profiles the chain backward)
+#             (NCU_KNOBS="--config half_precision_state_dot=True" profiles a variant)
 #   bench     bench_m2rnn.py: the kernel figures table (XMA=path/to/xma-checkout adds the authors' kernel beside)
 #   model     bench_model.py: model-level throughput, prefill, decode (issue 8)
 #   wait      wait for background phases, then write the S3 report

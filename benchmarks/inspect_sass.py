@@ -1,6 +1,6 @@
 """Compile the M2RNN Triton kernels for Hopper (sm_90) without a GPU and count the instructions in their loops.
 
-    python benchmarks/inspect_sass.py [--kernel fwd|bwd|bwd_split|bwd_params|decode] [--dtype bf16] [--block-k 64] [--warps 1]
+    python benchmarks/inspect_sass.py [--kernel fwd|bwd|decode] [--dtype bf16] [--block-k 64] [--warps 1]
                                       [--config FIELD=VALUE ...] [--dump out.sass]
 
 Triton ships ptxas and cuobjdump, so a CPU machine can build the cubin that the H100 would run and show what
@@ -45,17 +45,11 @@ def _signature(kernel_name: str, dtype: str) -> dict[str, str]:
         pointers = dict(q_ptr=x, k_ptr=x, v_ptr=x, w_ptr=x, f_ptr=x, h0_ptr=f32, y_ptr=x, ht_ptr=f32,
                         checkpoint_ptr=f32, cu_seqlens_ptr=i32, chunk_offsets_ptr=i32)
         scalars = dict(seqlen="i32", chunks_per_seq="i32", total_tokens="i32", work_bucket="i32")
-    elif kernel_name in ("bwd", "bwd_split"):
-        seq = f32 if dtype == "fp32" else "*bf16"
+    elif kernel_name == "bwd":
         pointers = dict(q_ptr=x, k_ptr=x, v_ptr=x, w_ptr=x, f_ptr=x, checkpoint_ptr=f32, dy_ptr=x, dht_ptr=f32,
                         dq_ptr=f32, dk_ptr=f32, dv_ptr=f32, df_ptr=f32, dw_ptr=f32, dh0_ptr=f32, scratch_ptr=f32,
-                        h_seq_ptr=seq, g_seq_ptr=seq, cu_seqlens_ptr=i32, chunk_offsets_ptr=i32)
+                        cu_seqlens_ptr=i32, chunk_offsets_ptr=i32)
         scalars = dict(seqlen="i32", chunks_per_seq="i32", total_tokens="i32", work_bucket="i32", clip="fp32")
-    elif kernel_name == "bwd_params":
-        seq = f32 if dtype == "fp32" else "*bf16"
-        pointers = dict(q_ptr=x, k_ptr=x, v_ptr=x, w_ptr=x, f_ptr=x, dy_ptr=x, h_seq_ptr=seq, g_seq_ptr=seq,
-                        dq_ptr=f32, dk_ptr=f32, dv_ptr=f32, df_ptr=f32, dw_ptr=f32)
-        scalars = dict(total_tokens="i32")
     else:
         pointers = dict(q_ptr=x, k_ptr=x, v_ptr=x, w_ptr=x, f_ptr=x, state_ptr=f32, y_ptr=x)
         scalars = {f"stride_{a}{b}": "i32" for a in "qkvf" for b in "bh"}
@@ -68,19 +62,18 @@ def compile_kernel(kernel_name: str, dtype: str, block_k: int, warps: int, confi
     import torch
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    jit = {"fwd": forward._m2rnn_fwd_kernel, "bwd": backward._m2rnn_bwd_kernel, "bwd_split": backward._m2rnn_bwd_kernel,
-           "bwd_params": backward._m2rnn_bwd_params_kernel, "decode": decode._m2rnn_decode_kernel}[kernel_name]
+    jit = {"fwd": forward._m2rnn_fwd_kernel, "bwd": backward._m2rnn_bwd_kernel,
+           "decode": decode._m2rnn_decode_kernel}[kernel_name]
     fn = jit.fn if hasattr(jit, "fn") and not isinstance(jit, triton.runtime.jit.JITFunction) else jit
     constexprs = dict(N=heads, NQ=1, NK=1, NV=heads, NF=heads, NW=heads, K=key_dim, V=value_dim,
                       BLOCK_K=block_k if kernel_name != "decode" else key_dim, BLOCK_V=max(16, value_dim),
                       **_math_flags(torch_dtype, config))
     if kernel_name != "decode":
-        constexprs.update(CHUNK=config.checkpoint_interval, IS_VARLEN=False, LOOP_UNROLL=config.loop_unroll,
-                          TILE_STEPS=max(1, config.backward_pass_rows // block_k))
+        constexprs.update(CHUNK=config.checkpoint_interval, IS_VARLEN=False, LOOP_UNROLL=config.loop_unroll)
     if kernel_name == "fwd":
         constexprs.update(HAS_H0=False, STORE_CHECKPOINTS=True)
-    if kernel_name in ("bwd", "bwd_split"):
-        constexprs.update(HAS_DHT=False, STORE_DH0=False, CLIP=True, SPLIT=kernel_name == "bwd_split")
+    if kernel_name == "bwd":
+        constexprs.update(HAS_DHT=False, STORE_DH0=False, CLIP=True)
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature = {**_signature(kernel_name, dtype), **{name: "constexpr" for name in constexprs}}
     # what a real launch specialises on: 16-byte aligned pointers (torch allocations are)
@@ -124,7 +117,7 @@ def histogram(instructions: list[tuple[int, str]], start: int, end: int) -> coll
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", choices=["fwd", "bwd", "bwd_split", "bwd_params", "decode"], default="fwd")
+    parser.add_argument("--kernel", choices=["fwd", "bwd", "decode"], default="fwd")
     parser.add_argument("--dtype", choices=list(POINTER_TYPES), default="bf16")
     parser.add_argument("--block-k", type=int, default=64)
     parser.add_argument("--warps", type=int, default=1)

@@ -201,7 +201,6 @@ def test_forget_gates_of_zero_and_one_are_accepted_and_value_checks_can_be_skipp
     [
         (dict(checkpoint_interval=0), "checkpoint_interval must be >= 1"),
         (dict(block_k=48), "block_k must be None, 16, 32 or 64"),
-        (dict(backward_pass_rows=100), "backward_pass_rows must be a power of 2"),
         (dict(loop_unroll=0), "loop_unroll must be >= 1"),
     ],
 )

@@ -16,27 +16,18 @@ class M2RNNTritonConfig:
         half_precision_state_dot: run H @ W with float16 operands (float32 accumulation) for 16-bit inputs; the
             carried state stays float32. |H| ≤ max(1, |H_0|), so float16 keeps tf32's 10-bit mantissa.
         loop_unroll: unroll factor of the sequential loops.
-        split_backward: backward in two kernels: a sequential walk that keeps only the carried gradient and
-            writes H_{t-1} and G_t of every step (2·B·S·N·K·V values, bfloat16 for 16-bit inputs), then a
-            parallel pass over (time × rows) tiles for dq, dk, dv, df and dW. Off by default (see
-            benchmarks/RESULTS.md §1 for its timing against the step-by-step backward).
-        backward_pass_rows: rows (steps × state rows) of one tile of the split backward's parallel pass.
     """
 
     checkpoint_interval: int = 64
     block_k: int | None = None
     half_precision_state_dot: bool = False
     loop_unroll: int = 1
-    split_backward: bool = False
-    backward_pass_rows: int = 128
 
     def __post_init__(self):
         if self.checkpoint_interval < 1:
             raise ValueError(f"M2RNNTritonConfig: checkpoint_interval must be >= 1, got {self.checkpoint_interval}")
         if self.block_k not in (None, 16, 32, 64):
             raise ValueError(f"M2RNNTritonConfig: block_k must be None, 16, 32 or 64, got {self.block_k}")
-        if self.backward_pass_rows < 16 or self.backward_pass_rows & (self.backward_pass_rows - 1):
-            raise ValueError(f"M2RNNTritonConfig: backward_pass_rows must be a power of 2 >= 16, got {self.backward_pass_rows}")
         if self.loop_unroll < 1:
             raise ValueError(f"M2RNNTritonConfig: loop_unroll must be >= 1, got {self.loop_unroll}")
 
