@@ -306,7 +306,7 @@ class M2RNNGatedDeltaNet(RecurrentMixer):
     """Gated DeltaNet (Qwen3.5 layout, `docs/checkpoint-formats.md`): l2-normed q, k; S ← exp(g) S;
     S ← S + k (β(v − Sᵀk))ᵀ; o = Sᵀq; out = out_proj(RMSNorm_per_head(o) ⊙ SiLU(z)), or
     out_proj(RMSNorm_per_head(o ⊙ SiLU(z))) when `linear_gate_before_norm`; β = sigmoid(b), doubled when
-    `linear_allow_neg_eigval`. Its config keys carry the `linear_` prefix, as Qwen3.5 names them."""
+    `linear_allow_neg_eigval`. Its config keys carry Qwen3.5's `linear_` prefix."""
 
     state_preserving_gates = (0.0, 0.0)  # no decay (g = 0) and no write (β = 0)
 

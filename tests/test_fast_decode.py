@@ -203,7 +203,7 @@ def test_dense_moe_dispatch_context_is_deprecated():
 
 
 def test_decode_step_compiles_with_fullgraph():
-    """MoE, M2RNN, GDN and attention in one decode step under torch.compile(fullgraph=True): no graph break."""
+    """MoE, M2RNN, Gated DeltaNet and attention in one decode step under torch.compile(fullgraph=True): no graph break."""
     model = make_model("hybrid_moe")
     ids, mask = prompt(batch=2)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=None)
