@@ -159,6 +159,8 @@ class RecurrentMixer(nn.Module):
         **kwargs: Any,
     ) -> torch.Tensor:
         cache, seq_len = past_key_values, hidden_states.shape[1]
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError(f"{type(self).__name__}: packed documents (cu_seqlens) are never cached; pass no cache")
         resuming = cache is not None and cache.has_previous_state(self.layer_idx)
         decoding = resuming and seq_len == 1 and not cache.is_recording_past(self.layer_idx)
         keep = real_positions(attention_mask, seq_len)

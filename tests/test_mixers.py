@@ -20,9 +20,13 @@ MIXERS = {
 }
 
 
+def mixer_config(name: str) -> M2RNNConfig:
+    return M2RNNConfig(num_hidden_layers=1, **SMALL, **MIXERS[name])
+
+
 def make_mixer(name: str) -> tuple[RecurrentMixer, M2RNNConfig]:
     torch.manual_seed(0)
-    config = M2RNNConfig(num_hidden_layers=1, **SMALL, **MIXERS[name])
+    config = mixer_config(name)
     model = M2RNNForCausalLM(config).eval()
     with torch.no_grad():  # W and D off their identity/ones init, so that they act
         for param_name, p in model.named_parameters():
@@ -81,3 +85,5 @@ def test_packed_documents_equal_separate_runs(name):
     packed = mixer(x, cu_seqlens=cu_seqlens)
     separate = torch.cat([mixer(x[:, :4]), mixer(x[:, 4:])], dim=1)
     torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="packed documents .* never cached"):
+        mixer(x, cu_seqlens=cu_seqlens, past_key_values=M2RNNCache(mixer_config(name)))
