@@ -296,11 +296,12 @@ class M2RNNMixer(RecurrentMixer):
         (forget,) = gates
         return m2rnn_decode_step(q, k, v, self.state_weight, forget, state)
 
-    def output(self, y: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """y + D ⊙ v, times SiLU(g), RMSNorm over each token's N·V values, out_proj."""
+    def output(self, y: torch.Tensor, v: torch.Tensor, output_gate: torch.Tensor) -> torch.Tensor:
+        """y + D ⊙ v, times SiLU of the output gate, RMSNorm over each token's N·V values, out_proj."""
         if self.use_residual:
             y = y + self.D * expand_heads(v, self.num_heads, 2)
-        y = y * F.silu(expand_heads(g.unflatten(-1, (self.num_gate_heads, self.value_dim)), self.num_heads, 2))
+        output_gate = output_gate.unflatten(-1, (self.num_gate_heads, self.value_dim))
+        y = y * F.silu(expand_heads(output_gate, self.num_heads, 2))
         return self.out_proj(self.norm(y.flatten(2)))
 
 
