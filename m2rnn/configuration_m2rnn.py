@@ -33,18 +33,20 @@ class M2RNNConfig(PretrainedConfig):
         max_position_embeddings, tie_word_embeddings, use_cache: as in other transformers decoders.
         mixer_types (`list[str]`): one entry per layer. Defaults to all `"m2rnn"`.
 
-        m2rnn_key_head_dim, m2rnn_value_head_dim: K and V of each head's K×V state (paper: 64 and 16).
+        m2rnn_key_head_dim, m2rnn_value_head_dim: K and V of each head's K×V recurrent state (paper: 64 and 16).
         m2rnn_num_q_heads, m2rnn_num_k_heads, m2rnn_num_v_heads, m2rnn_num_forget_heads, m2rnn_num_weight_heads,
-        m2rnn_num_gate_heads: head counts. N = max(q, k, v, forget, weight) state heads; each count divides N and
-            head n reads group n // (N / count). Paper: q = k = 1, the others N.
+        m2rnn_num_gate_heads: head counts (`weight` counts state weights W, `gate` the output gate's heads).
+            N = max(q, k, v, forget, weight) recurrent states; each count divides N and head n reads group
+            n // (N / count). Paper: q = k = 1, the others N.
         m2rnn_conv_kernel_size: depthwise causal conv over [q|k|v] before the recurrence (4).
         m2rnn_use_residual: add D ⊙ v to the readout (D initialised to 1).
         m2rnn_gradient_clipping: clamp the recurrent carry ∂L/∂H_t to [-c, c] in backward (1.0; None disables).
         m2rnn_A_init_range, m2rnn_dt_min, m2rnn_dt_max, m2rnn_dt_init_floor: forget-gate init,
             A ~ U(range), dt ~ logU(dt_min, dt_max) floored, f = exp(-exp(A_log) softplus(x_f + dt_bias)).
         m2rnn_norm_eps: eps of the RMSNorm over the whole N·V output vector.
-        m2rnn_state_weight_init (`"identity"`, `"orthogonal"` or `"normal"`): init of each head's V×V state matrix W:
-            I (the paper's, default), a random orthogonal matrix per head, or N(0, 1/V).
+        m2rnn_state_weight_init (`"identity"`, `"orthogonal"` or `"normal"`): init of each head's V×V state weight
+            W (the `state_weight` parameter): I (the paper's, default), a random orthogonal matrix per head, or
+            N(0, 1/V).
         m2rnn_use_forget_gate (`bool`, True): False drops the forget gate (no x_f channels, A_log, dt_bias): f ≡ 0,
             so H_t = tanh(H_{t-1} W + k vᵀ), a plain non-linear RNN.
         m2rnn_in_proj_init_std (`float` or None): std of `in_proj`'s normal init; None uses `initializer_range`.
@@ -54,7 +56,8 @@ class M2RNNConfig(PretrainedConfig):
             (docs/demo.md); the language-model presets keep the paper's init.
 
         linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, linear_value_head_dim,
-        linear_conv_kernel_dim: the Gated DeltaNet mixer (Qwen3.5 names).
+        linear_conv_kernel_dim: the Gated DeltaNet mixer's shapes, named as in Qwen3.5's config. Every Gated
+            DeltaNet key carries that `linear_` prefix; code and messages call the mixer Gated DeltaNet.
         linear_allow_neg_eigval (`bool`, False): β = 2·sigmoid(b) instead of sigmoid(b), so the transition's
             eigenvalues reach into [-1, 1] (OLMo-hybrid's default; an fla / lm-engine option).
         linear_gate_before_norm (`bool`, False): output `RMSNorm(o ⊙ SiLU(z))` (lm-engine) instead of
@@ -268,7 +271,7 @@ class M2RNNConfig(PretrainedConfig):
     # ------------------------------------------------------------------ derived sizes
     @property
     def m2rnn_num_heads(self) -> int:
-        """N, the number of K×V state matrices per M2RNN layer."""
+        """N, the number of K×V recurrent states (heads) per M2RNN layer."""
         return max(
             self.m2rnn_num_q_heads,
             self.m2rnn_num_k_heads,
@@ -437,7 +440,7 @@ def _pattern(num_layers: int, attention_at: list[int], default: str, m2rnn_at: l
 
 
 def _paper_400m(default: str, m2rnn_at: list[int] = ()) -> dict[str, Any]:
-    """The 400M dense models (m2rnn-reference.md §3): NoPE MHA at 4, 12, 20, tied embeddings."""
+    """The paper's 400M dense models: NoPE MHA at layers 4, 12, 20, tied embeddings."""
     return dict(
         vocab_size=100352, hidden_size=1024, intermediate_size=2752, num_hidden_layers=24,
         mixer_types=_pattern(24, [4, 12, 20], default, m2rnn_at),

@@ -7,8 +7,8 @@ batch 1 that overhead, not the arithmetic, sets the speed. `StaticDecoder` remov
    recurrent state (`LinearAttentionLayer`) and each attention layer a key/value buffer of `max_length` slots
    (`StaticLayer`); all are updated in place, so their addresses never change.
 2. The decode step reads its inputs from fixed buffers (token, per-row position, next cache slot, padding mask
-   over the slots), builds the 4-D attention mask itself and calls the model with no host synchronisation (the
-   MoE block switches to its sync-free `experts_dense`).
+   over the slots), builds the 4-D attention mask itself and calls the model with no host synchronisation (with
+   `dense_moe_dispatch=True`, so the MoE blocks use their sync-free `experts_dense`).
 3. On CUDA that step is captured once in a CUDA graph (after a short warm-up) and replayed for every token; with
    `compile=True` it is first compiled with `torch.compile(fullgraph=True)`. On CPU it runs eagerly or compiled.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -38,16 +39,18 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 @contextlib.contextmanager
 def dense_moe_dispatch(model: nn.Module) -> Iterator[None]:
-    """Run every MoE block of `model` through its sync-free path (`experts_dense`) inside the block."""
-    blocks = [m for m in model.modules() if isinstance(m, M2RNNSparseMoeBlock)]
-    previous = [block.dense_dispatch for block in blocks]
-    for block in blocks:
-        block.dense_dispatch = True
-    try:
-        yield
-    finally:
-        for block, value in zip(blocks, previous):
-            block.dense_dispatch = value
+    """Deprecated, and does nothing: the dispatch is an argument of the call, `model(..., dense_moe_dispatch=True)`.
+
+    The MoE blocks already take the dense path by themselves while compiling or capturing a CUDA graph; in eager
+    calls both paths give the same sum.
+    """
+    warnings.warn(
+        "m2rnn.generation.dense_moe_dispatch(model) is deprecated and has no effect: pass `dense_moe_dispatch=True` "
+        "to the model call instead (compiled and CUDA-graph-captured calls use the dense path by themselves)",
+        FutureWarning,
+        stacklevel=3,
+    )
+    yield
 
 
 def _attention_implementation(model: nn.Module) -> str | None:
@@ -106,6 +109,9 @@ class StaticDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
         # transformers 5.24 models take the cache as `cache` (`past_key_values` is deprecated there)
         self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # the step must not read the routing on the host: MoE blocks take their dense path (warm-up included)
+        has_moe = any(isinstance(module, M2RNNSparseMoeBlock) for module in model.modules())
+        self._step_kwargs = {"dense_moe_dispatch": True} if has_moe else {}
         long = dict(dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(batch_size, 1, **long)  # the token fed to the next step
         self.positions = torch.zeros(batch_size, 1, **long)  # its position per row (left padding shifts rows)
@@ -139,7 +145,7 @@ class StaticDecoder:
         # a 4-D mask reaches the attention layers as it is (transformers' mask functions pass 4-D masks through)
         out = self.model(
             input_ids=tokens, position_ids=positions, attention_mask=self._attention_mask(slot, slot_mask),
-            use_cache=True, logits_to_keep=1, **{self._cache_argument: self.cache},
+            use_cache=True, logits_to_keep=1, **{self._cache_argument: self.cache}, **self._step_kwargs,
         )
         positions.add_(1)
         slot.add_(1)
@@ -150,7 +156,7 @@ class StaticDecoder:
         if self._graph is not None:
             self._graph.replay()
             return self._graph_logits
-        with dense_moe_dispatch(self.model), torch.no_grad():
+        with torch.no_grad():
             return self._step(self.tokens, self.positions, self.slot, self.slot_mask)
 
     # ------------------------------------------------------------------ allocation and capture
@@ -172,13 +178,13 @@ class StaticDecoder:
     def _capture(self) -> None:
         stream = torch.cuda.Stream(device=self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream), dense_moe_dispatch(self.model):
+        with torch.cuda.stream(stream):
             for _ in range(max(self.warmup_steps, 1)):
                 self._step(self.tokens, self.positions, self.slot, self.slot_mask)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), dense_moe_dispatch(self.model):
+        with torch.cuda.graph(graph):
             logits = self._step(self.tokens, self.positions, self.slot, self.slot_mask)
         torch.cuda.synchronize(self.device)
         self._graph, self._graph_logits = graph, logits

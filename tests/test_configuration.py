@@ -113,7 +113,7 @@ def _num_parameters(config: M2RNNConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# Parameter counts of the paper's models, from the authors' evaluation logs (m2rnn-reference.md §3.6).
+# Parameter counts of the paper's models, from the authors' evaluation logs.
 @pytest.mark.parametrize(
     "preset, expected",
     [

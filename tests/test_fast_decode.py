@@ -139,10 +139,7 @@ def test_moe_dense_dispatch_equals_the_sparse_loop():
         torch.testing.assert_close(block.experts_dense(tokens, weights, experts),
                                    block.experts_sparse(tokens, weights, experts), rtol=0, atol=1e-7)
         eager = block(tokens[None])
-        with dense_moe_dispatch(model):
-            assert block.dense_dispatch
-            dense = block(tokens[None])
-        assert not block.dense_dispatch
+        dense = block(tokens[None], dense_moe_dispatch=True)
     torch.testing.assert_close(dense, eager, rtol=0, atol=1e-7)
     # the dense path traces without a graph break; the sparse loop's `.tolist()` would break it
     compiled = torch.compile(lambda x: block(x), fullgraph=True, backend="eager")
@@ -150,8 +147,63 @@ def test_moe_dense_dispatch_equals_the_sparse_loop():
         torch.testing.assert_close(compiled(tokens[None]), eager, rtol=1e-6, atol=1e-6)
 
 
+def _count_dispatch(monkeypatch) -> dict[str, int]:
+    """Count the calls of each MoE path, over every block of every model."""
+    calls = {"experts_dense": 0, "experts_sparse": 0}
+    for name in calls:
+        original = getattr(M2RNNSparseMoeBlock, name)
+
+        def spy(self, *args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(M2RNNSparseMoeBlock, name, spy)
+    return calls
+
+
+def test_moe_dispatch_is_an_argument_of_each_call(monkeypatch):
+    """The dispatch is chosen per call, with no flag on the class or the blocks: two models called alternately with
+    different dispatches each take the path they were asked for, and give the same logits."""
+    calls = _count_dispatch(monkeypatch)
+    first, second = make_model("hybrid_moe"), make_model("hybrid_moe")
+    ids = prompt(left_pad=False)[0]
+    with torch.no_grad():
+        dense = first(ids, dense_moe_dispatch=True).logits
+        assert calls == {"experts_dense": 2, "experts_sparse": 0}  # two MoE layers
+        sparse = second(ids).logits
+        assert calls == {"experts_dense": 2, "experts_sparse": 2}
+        again = first(ids).logits  # the earlier dense call left nothing behind
+        assert calls == {"experts_dense": 2, "experts_sparse": 4}
+    torch.testing.assert_close(dense, sparse, rtol=0, atol=1e-6)
+    torch.testing.assert_close(again, sparse, rtol=0, atol=0)
+    assert not any("dispatch" in name for name in vars(M2RNNSparseMoeBlock))
+    assert not any("dispatch" in name for block in first.modules() for name in vars(block))
+
+
+def test_static_decoder_steps_take_the_dense_dispatch(monkeypatch):
+    """The decode step passes `dense_moe_dispatch=True`; the prompt is read through the sparse path."""
+    model = make_model("hybrid_moe")
+    ids, mask = prompt(batch=2)
+    decoder = StaticDecoder(model, batch_size=2, max_length=12)
+    calls = _count_dispatch(monkeypatch)
+    decoder.prefill(ids, mask)
+    assert calls == {"experts_dense": 0, "experts_sparse": 2}
+    decoder.step()
+    assert calls == {"experts_dense": 2, "experts_sparse": 2}
+
+
+def test_dense_moe_dispatch_context_is_deprecated():
+    model = make_model("hybrid_moe")
+    ids = prompt(left_pad=False)[0]
+    with torch.no_grad():
+        expected = model(ids).logits
+        with pytest.warns(FutureWarning, match="dense_moe_dispatch=True"), dense_moe_dispatch(model):
+            got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_decode_step_compiles_with_fullgraph():
-    """MoE, M2RNN, GDN and attention in one decode step under torch.compile(fullgraph=True): no graph break."""
+    """MoE, M2RNN, Gated DeltaNet and attention in one decode step under torch.compile(fullgraph=True): no graph break."""
     model = make_model("hybrid_moe")
     ids, mask = prompt(batch=2)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=None)

@@ -1,9 +1,13 @@
 """The model: cached decode equals a full forward for every mixer, padding, packing, loading, training hooks."""
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+import m2rnn
 from m2rnn import M2RNNCache, M2RNNConfig, M2RNNForCausalLM, M2RNNModel
 from m2rnn.modeling_m2rnn import _CACHE_FIELD
 
@@ -92,6 +96,24 @@ def test_attention_free_model_generates_with_its_own_cache():
     out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert isinstance(returned_cache(out), M2RNNCache)
     assert returned_cache(out).get_seq_length() == 8  # the last generated token is never fed back
+
+
+def test_the_cache_keeps_its_own_count():
+    """The model tells the cache how many tokens it fed (`advance`); only the cache writes its counter."""
+
+    class Recorder(M2RNNCache):
+        def advance(self, num_tokens: int) -> None:
+            self.advanced = [*getattr(self, "advanced", []), num_tokens]
+            super().advance(num_tokens)
+
+    model = make_model("m2rnn")
+    cache = Recorder(model.config)
+    with torch.no_grad():
+        model(random_ids(2, 5, model.config.vocab_size), past_key_values=cache, use_cache=True)
+        model(random_ids(2, 1, model.config.vocab_size), past_key_values=cache, use_cache=True)
+    assert cache.advanced == [5, 1] and cache.get_seq_length() == 6
+    cache.reset()
+    assert cache.get_seq_length() == 0
 
 
 def test_beam_search_matches_the_no_cache_path():
@@ -264,3 +286,24 @@ def test_bfloat16_forward_runs():
         out = model(ids, use_cache=True)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
     assert returned_cache(out).layers[0].recurrent_states[0].dtype == torch.float32
+
+
+def test_the_library_reaches_the_kernels_only_through_their_package():
+    """`m2rnn.kernels` (its `__init__`) is the one way in: no module outside kernels/ imports a kernels submodule."""
+    root = Path(m2rnn.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[0] == "kernels":
+            continue
+        package = ("m2rnn", *parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else ()
+                targets = [".".join((*base, *([node.module] if node.module else [])))]
+            else:
+                continue
+            offenders += [f"{path.name}:{node.lineno} {t}" for t in targets if t.startswith("m2rnn.kernels.")]
+    assert not offenders, offenders

@@ -1,5 +1,5 @@
 """Padding-free training: `DataCollatorWithFlattening` batches give the same logits, loss and gradients as padded
-batches, because every layer type (M2RNN, GDN, attention) stays within each packed document."""
+batches, because every layer type (M2RNN, Gated DeltaNet, attention) stays within each packed document."""
 
 import pytest
 import torch

@@ -178,7 +178,7 @@ def test_fixed_dataset_training_draws_only_from_the_fixed_set(monkeypatch):
 
 
 def test_harness_gdn_builds_one_layer_without_conv_or_gates(monkeypatch):
-    from m2rnn import modeling_m2rnn
+    from m2rnn import mixers_m2rnn
     from m2rnn.demo import build_model, harness_gdn_config
 
     model = build_model(harness_gdn_config(), seed=0)
@@ -186,19 +186,19 @@ def test_harness_gdn_builds_one_layer_without_conv_or_gates(monkeypatch):
     assert (config.num_hidden_layers, config.hidden_size, config.linear_num_value_heads) == (1, 128, 8)
     assert (config.linear_key_head_dim, config.linear_value_head_dim) == (32, 32)
     mixer = model.model.layers[0].mixer
-    assert isinstance(mixer, modeling_m2rnn.M2RNNGatedDeltaNet)
+    assert isinstance(mixer, mixers_m2rnn.M2RNNGatedDeltaNet)
     assert mixer.conv1d is None and mixer.in_proj_a is None and mixer.A_log is None and mixer.dt_bias is None
     assert mixer.in_proj_z is None and mixer.beta_scale == 2.0
     assert not any("conv" in name or "proj_a" in name or "proj_z" in name for name, _ in model.named_parameters())
 
     captured = {}
-    real = modeling_m2rnn.gated_delta_rule
+    real = mixers_m2rnn.gated_delta_rule
 
     def spy(q, k, v, g, beta, *args, **kwargs):
         captured.update(q=q, g=g, beta=beta)
         return real(q, k, v, g, beta, *args, **kwargs)
 
-    monkeypatch.setattr(modeling_m2rnn, "gated_delta_rule", spy)
+    monkeypatch.setattr(mixers_m2rnn, "gated_delta_rule", spy)
     x = torch.randint(0, 6, (2, 9))
     model(x)
     hidden = model.model.embed_tokens(x)
@@ -222,16 +222,16 @@ def _m2rnn(**options):
 
 
 def _capture_recurrence(monkeypatch, model):
-    from m2rnn import modeling_m2rnn
+    from m2rnn import mixers_m2rnn
 
     captured = {}
-    real = modeling_m2rnn.m2rnn_recurrence
+    real = mixers_m2rnn.m2rnn_recurrence
 
     def spy(q, k, v, weight, forget, *args, **kwargs):
         captured.update(q=q, k=k, v=v, forget=forget)
         return real(q, k, v, weight, forget, *args, **kwargs)
 
-    monkeypatch.setattr(modeling_m2rnn, "m2rnn_recurrence", spy)
+    monkeypatch.setattr(mixers_m2rnn, "m2rnn_recurrence", spy)
     x = torch.randint(0, 6, (2, 7))
     model(x)
     return captured, model.model.layers[0].input_layernorm(model.model.embed_tokens(x))

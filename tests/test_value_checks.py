@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import m2rnn.modeling_m2rnn as modeling
+import m2rnn.mixers_m2rnn as mixers
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
 from m2rnn.kernels import causal_conv1d, gated_delta_rule, m2rnn_recurrence
 
@@ -26,13 +26,13 @@ def test_model_refuses_bad_cu_seq_lens_q_by_name():
 def test_model_layers_do_not_recheck_values(monkeypatch):
     seen = []
     for name in ("m2rnn_recurrence", "gated_delta_rule", "causal_conv1d"):
-        original = getattr(modeling, name)
+        original = getattr(mixers, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
             seen.append((_name, kwargs.get("check_values", True)))
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(modeling, name, spy)
+        monkeypatch.setattr(mixers, name, spy)
     ids = torch.randint(3, 200, (1, 10))
     _model()(ids, cu_seq_lens_q=torch.tensor([0, 4, 10], dtype=torch.int32))
     _model()(torch.randint(3, 200, (2, 6)))
