@@ -217,8 +217,8 @@ def _extend_dynamic_cache(cache, context: int) -> None:
         extra = context - keys.shape[-2]
         layer.keys = torch.cat([keys, keys.new_zeros(*keys.shape[:2], extra, keys.shape[-1])], dim=-2)
         layer.values = torch.cat([layer.values, layer.values.new_zeros(*keys.shape[:2], extra, layer.values.shape[-1])], dim=-2)
-    if hasattr(cache, "seen_tokens"):
-        cache.seen_tokens = context
+    if hasattr(cache, "advance"):
+        cache.advance(context - cache.get_seq_length())
 
 
 @torch.no_grad()
