@@ -218,7 +218,7 @@ def _extend_dynamic_cache(cache, context: int) -> None:
         layer.keys = torch.cat([keys, keys.new_zeros(*keys.shape[:2], extra, keys.shape[-1])], dim=-2)
         layer.values = torch.cat([layer.values, layer.values.new_zeros(*keys.shape[:2], extra, layer.values.shape[-1])], dim=-2)
     if hasattr(cache, "advance"):
-        cache.advance(context - cache.get_seq_length())
+        cache.advance(context - cache.seen_tokens)
 
 
 @torch.no_grad()
