@@ -26,6 +26,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_m2rnn import M2RNNConfig
+from .losses import fused_linear_cross_entropy
 from .kernels import (
     causal_conv1d,
     causal_conv1d_step,
@@ -965,6 +966,8 @@ class M2RNNModel(M2RNNPreTrainedModel):
 
 
 class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
+    # training forwards with labels compute the loss without logits (`m2rnn.losses.apply_liger_kernel_to_m2rnn`)
+    fused_linear_cross_entropy: bool = False
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
@@ -1029,6 +1032,8 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
         output_router_logits = output_router_logits and self.config.num_experts > 0
+        skip_logits = kwargs.pop("skip_logits", None)  # Trainer's use_liger_kernel evaluation passes it
+        skip_logits = self.training if skip_logits is None else skip_logits
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1041,11 +1046,13 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-
-        loss = aux_loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        logits = loss = aux_loss = None
+        if self.fused_linear_cross_entropy and labels is not None and skip_logits:
+            loss = fused_linear_cross_entropy(hidden_states[:, keep, :], self.lm_head.weight, labels, **kwargs)
+        else:
+            logits = self.lm_head(hidden_states[:, keep, :])
+            if labels is not None:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         if output_router_logits and outputs.router_logits:
             aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok)
             if loss is not None:
