@@ -19,7 +19,7 @@ from .training import install_peft_defaults  # noqa: E402
 install_peft_defaults()
 
 # `Trainer(use_liger_kernel=True)` support, registered with liger-kernel when (and only if) it gets imported
-from .losses import install_liger_registration  # noqa: E402
+from .training import install_liger_registration  # noqa: E402
 
 install_liger_registration()
 

@@ -20,16 +20,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from .configuration_m2rnn import M2RNNConfig
-
 IGNORE_INDEX = -100
-_LIGER_TABLE_MODULE = "liger_kernel.transformers.monkey_patch"
 
 
 def liger_available() -> bool:
@@ -88,7 +84,12 @@ def fused_linear_cross_entropy(
             f"{hidden_states.device}; turn it off with apply_liger_kernel_to_m2rnn(model, "
             "fused_linear_cross_entropy=False) (or drop use_liger_kernel / --fused-ce)"
         )
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError as error:
+        raise ImportError(
+            "fused linear cross-entropy needs liger-kernel, which is not installed: pip install liger-kernel"
+        ) from error
 
     if shift_labels is None:
         if labels is None:
@@ -113,30 +114,9 @@ def fused_linear_cross_entropy(
     return loss
 
 
-def register_with_liger() -> None:
-    """Add `m2rnn → apply_liger_kernel_to_m2rnn` to liger's model-type table (imports liger-kernel), so that
-    `Trainer(use_liger_kernel=True)` and liger's `_apply_liger_kernel_to_instance` know our model type."""
-    from liger_kernel.transformers import monkey_patch
-
-    monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN.setdefault(M2RNNConfig.model_type, apply_liger_kernel_to_m2rnn)
-
-
-def install_liger_registration() -> None:
-    """Register with liger now if its table is imported, else right after it is; nothing without liger-kernel.
-    `import m2rnn` never imports liger-kernel (it pulls in triton and many transformers model files)."""
-    from .training import after_import
-
-    if _LIGER_TABLE_MODULE in sys.modules:
-        register_with_liger()
-    elif liger_available():
-        after_import(_LIGER_TABLE_MODULE, register_with_liger, "register the m2rnn model type with liger-kernel")
-
-
 __all__ = [
     "apply_liger_kernel_to_m2rnn",
     "fused_linear_cross_entropy",
     "fused_loss_supported",
-    "install_liger_registration",
     "liger_available",
-    "register_with_liger",
 ]

@@ -505,9 +505,12 @@ class M2RNNSparseMoeBlock(nn.Module):
         return output.reshape(shape)
 
     def experts_sparse(self, tokens: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
-        """Each routed expert on its own tokens only. Reads the routing on the host (`.tolist()`), so eager only."""
+        """Each routed expert on its own tokens only. Reads the routing on the host (`.tolist()`), so eager only.
+        While training, an expert that got no token still runs (on zero tokens): its parameters join the graph
+        with zero gradients, so data-parallel engines (DDP) see every parameter used on every process."""
         output = torch.zeros_like(tokens)
-        for expert_idx in top_experts.unique().tolist():
+        every_expert = self.training and torch.is_grad_enabled()
+        for expert_idx in range(self.num_experts) if every_expert else top_experts.unique().tolist():
             token_idx, slot = torch.where(top_experts == expert_idx)
             expert_out = self.experts[expert_idx](tokens[token_idx]) * top_weights[token_idx, slot, None]
             output.index_add_(0, token_idx, expert_out.to(output.dtype))

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .configuration_m2rnn import M2RNNConfig
+from .losses import apply_liger_kernel_to_m2rnn, liger_available
 
 # ---------------------------------------------------------------------------------------------------------------
 # PEFT target names
@@ -156,6 +157,26 @@ def install_peft_defaults() -> None:
         after_import("peft.utils.constants", register_peft_defaults, "register default LoRA targets with PEFT")
 
 
+_LIGER_TABLE_MODULE = "liger_kernel.transformers.monkey_patch"
+
+
+def register_with_liger() -> None:
+    """Add `m2rnn → apply_liger_kernel_to_m2rnn` to liger's model-type table (imports liger-kernel), so that
+    `Trainer(use_liger_kernel=True)` and liger's `_apply_liger_kernel_to_instance` know our model type."""
+    from liger_kernel.transformers import monkey_patch
+
+    monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN.setdefault(M2RNNConfig.model_type, apply_liger_kernel_to_m2rnn)
+
+
+def install_liger_registration() -> None:
+    """Register with liger now if its table is imported, else right after it is; nothing without liger-kernel.
+    `import m2rnn` never imports liger-kernel (it pulls in triton and many transformers model files)."""
+    if _LIGER_TABLE_MODULE in sys.modules:
+        register_with_liger()
+    elif liger_available():
+        after_import(_LIGER_TABLE_MODULE, register_with_liger, "register the m2rnn model type with liger-kernel")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Local text for offline examples (tokenize it with `m2rnn.tokenization.byte_level_tokenizer`)
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,10 +203,12 @@ __all__ = [
     "RECURRENT_PARAMETERS",
     "STATE_WEIGHT_TARGET",
     "after_import",
+    "install_liger_registration",
     "install_peft_defaults",
     "lora_target_modules",
     "merge_and_unload",
     "recurrent_modules_to_save",
     "register_peft_defaults",
+    "register_with_liger",
     "text_documents",
 ]
