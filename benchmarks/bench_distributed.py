@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny preset on CPU: checks the plumbing only")
     parser.add_argument("--phases", help="comma-separated subset of the phases (default: all)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--max-length", type=int, default=4096, help="documents of max/2 to max random tokens")
+    parser.add_argument("--docs-per-gpu", type=int, default=2, help="documents per GPU and step (the one-GPU run "
+                        "takes twice as many: the same global batch)")
     parser.add_argument("--budget", type=float, default=540, help="seconds for all phases: a phase that would "
                         "start later is skipped, and each phase's timeout is cut to what is left")
     parser.add_argument("--fla-unguarded", action="store_true", help="add single_fla and ddp_fla: the one-GPU and "
@@ -71,7 +74,7 @@ class Bench:
         if fla_unguarded:
             script = [str(Path(__file__).resolve()), "--worker"]
         command = launcher + script + model + [
-            "--random-tokens", "400", "--max-length", "64" if self.args.smoke else "4096", "--lr", "3e-4",
+            "--random-tokens", "400", "--max-length", "64" if self.args.smoke else str(self.args.max_length), "--lr", "3e-4",
             "--max-steps", str(self.args.steps), "--report", str(report),
         ] + options
         self.run(name, command, timeout, gpus)
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     two = py + ["-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file"]
     bf16 = [] if smoke else ["--bf16"]
     big = 600 if not smoke else 300
+    docs = str(args.docs_per_gpu)
 
     if wanted("single"):
         threads = []
@@ -213,22 +217,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 big, "1"))
             memory.start()
             threads.append(memory)
-        bench.finetune("single", py, ["--batch-size", "4", "--no-save"] + bf16, big, gpus="0")
+        bench.finetune("single", py, ["--batch-size", str(2 * args.docs_per_gpu), "--no-save"] + bf16, big, gpus="0")
         for thread in threads:
             thread.join()
         if (out / "memory.json").is_file():
             bench.results["phases"]["memory"].update(json.loads((out / "memory.json").read_text()))
             bench.save()
     if wanted("ddp"):
-        bench.finetune("ddp", two + [str(DDP_YAML)], ["--batch-size", "2", "--no-save", "--check-replicas"] + bf16, big)
+        bench.finetune("ddp", two + [str(DDP_YAML)], ["--batch-size", docs, "--no-save", "--check-replicas"] + bf16, big)
+    moe = ["--preset", "tiny"] if smoke else ["--preset", MOE_PRESET, "--layers", "2"]
+    for name, extra in (("moe_ddp", []), ("moe_ddp_gc", ["--gradient-checkpointing"])):
+        if wanted(name):
+            bench.finetune(name, two + [str(DDP_YAML)], ["--batch-size", "1", "--no-save", "--check-replicas",
+                                                         "--max-steps", "3"] + extra + bf16, big, model=moe)
     checkpoints, final = out / "fsdp2-checkpoints", out / "fsdp2-final"
     if wanted("fsdp2"):
         bench.finetune("fsdp2", two + [str(FSDP2_YAML)], [
-            "--batch-size", "2", "--save-every", str(steps // 2), "--checkpoint-dir", str(checkpoints),
+            "--batch-size", docs, "--save-every", str(steps // 2), "--checkpoint-dir", str(checkpoints),
             "--output-dir", str(final), "--overwrite"] + bf16, big)
     if wanted("fsdp2_resume"):
         bench.finetune("fsdp2_resume", two + [str(FSDP2_YAML)], [
-            "--batch-size", "2", "--resume-from", str(checkpoints / f"step-{steps // 2}"), "--no-save"] + bf16, big)
+            "--batch-size", docs, "--resume-from", str(checkpoints / f"step-{steps // 2}"), "--no-save"] + bf16, big)
     if wanted("consolidate"):
         consolidated = out / "fsdp2-consolidated"
         code = bench.run("consolidate", py + [str(FINETUNE), "--consolidate", str(checkpoints / f"step-{steps}"),
@@ -241,19 +250,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 bench.save()
     if wanted("fsdp2_ac"):
         bench.finetune("fsdp2_ac", two + [str(FSDP2_YAML), "--fsdp_activation_checkpointing", "true"],
-                       ["--batch-size", "2", "--no-save"] + bf16, big)
+                       ["--batch-size", docs, "--no-save"] + bf16, big)
     if wanted("fsdp2_padded"):
-        bench.finetune("fsdp2_padded", two + [str(FSDP2_YAML)], ["--batch-size", "2", "--no-save", "--no-packing"] + bf16, big)
-    moe = ["--preset", "tiny"] if smoke else ["--preset", MOE_PRESET, "--layers", "2"]
-    for name, extra in (("moe_ddp", []), ("moe_ddp_gc", ["--gradient-checkpointing"])):
-        if wanted(name):
-            bench.finetune(name, two + [str(DDP_YAML)], ["--batch-size", "1", "--no-save", "--check-replicas",
-                                                         "--max-steps", "5"] + extra + bf16, big, model=moe)
+        bench.finetune("fsdp2_padded", two + [str(FSDP2_YAML)], ["--batch-size", docs, "--no-save", "--no-packing"] + bf16, big)
     if args.fla_unguarded:
         fla_steps = ["--max-steps", "8"]
-        bench.finetune("single_fla", py, ["--batch-size", "4", "--no-save"] + fla_steps + bf16, big, gpus="0",
+        bench.finetune("single_fla", py, ["--batch-size", str(2 * args.docs_per_gpu), "--no-save"] + fla_steps + bf16, big, gpus="0",
                        fla_unguarded=True)
-        bench.finetune("ddp_fla", two + [str(DDP_YAML)], ["--batch-size", "2", "--no-save"] + fla_steps + bf16, big,
+        bench.finetune("ddp_fla", two + [str(DDP_YAML)], ["--batch-size", docs, "--no-save"] + fla_steps + bf16, big,
                        fla_unguarded=True)
     summarise(bench.results)
     bench.save()
