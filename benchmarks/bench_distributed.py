@@ -199,6 +199,12 @@ def check_consolidated(consolidated: Path, full: Path, output: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if not args.smoke:
+        import torch
+
+        if torch.cuda.device_count() < 2:
+            raise SystemExit(f"bench_distributed.py: error: needs two CUDA GPUs, found {torch.cuda.device_count()}; "
+                             "--smoke runs the same phases with the tiny model on CPU")
     bench = Bench(args)
     out, smoke, steps = args.output_dir, args.smoke, args.steps
     phases = set(args.phases.split(",")) if args.phases else None
