@@ -10,9 +10,9 @@ from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
 import m2rnn.losses
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
-from m2rnn.losses import apply_liger_kernel_to_m2rnn, fused_linear_cross_entropy
+from m2rnn.losses import apply_liger_kernel_to_m2rnn, fused_linear_cross_entropy, liger_available
 
-pytest.importorskip("liger_kernel", reason="liger-kernel is in the dev extra")
+needs_liger = pytest.mark.skipif(not liger_available(), reason="liger-kernel (in the dev extra) is not installed")
 
 
 def _model(**overrides) -> M2RNNForCausalLM:
@@ -27,6 +27,7 @@ def _loss_and_grads(model: M2RNNForCausalLM, **batch) -> tuple[torch.Tensor, dic
     return output, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@needs_liger
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("num_items", [None, 23])
 def test_fused_loss_and_gradients_equal_plain(tied, num_items):
@@ -48,6 +49,7 @@ def test_fused_loss_and_gradients_equal_plain(tied, num_items):
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@needs_liger
 def test_fused_loss_packed_and_evaluation():
     """Packed rows (labels -100 at each document start) score the same targets; in eval mode, and with
     `skip_logits=False`, the model computes logits and the plain loss as before."""
@@ -63,6 +65,7 @@ def test_fused_loss_packed_and_evaluation():
     assert model.train()(**batch, skip_logits=False).logits is not None
 
 
+@needs_liger
 def test_fused_function_needs_labels_and_matches_mean_reduction():
     hidden, weight = torch.randn(1, 6, 8), torch.randn(20, 8)
     labels = torch.tensor([[1, 2, -100, 4, 5, 6]])
@@ -73,6 +76,7 @@ def test_fused_function_needs_labels_and_matches_mean_reduction():
         fused_linear_cross_entropy(hidden, weight)
 
 
+@needs_liger
 def test_trainer_use_liger_kernel_applies_the_fused_loss(tmp_path):
     """`TrainingArguments(use_liger_kernel=True)` reaches our model type through liger's table (registered by
     `import m2rnn`); two accumulated steps train to the same losses and weights as the plain loss."""
@@ -94,6 +98,7 @@ def test_trainer_use_liger_kernel_applies_the_fused_loss(tmp_path):
         torch.testing.assert_close(trained[True][1][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@needs_liger
 def test_fused_loss_refused_without_cuda(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = _model()
@@ -115,6 +120,7 @@ def test_fused_loss_refused_without_liger(monkeypatch):
         apply_liger_kernel_to_m2rnn(torch.nn.Linear(2, 2), fused_linear_cross_entropy=False)
 
 
+@needs_liger
 def test_import_registers_lazily_with_liger():
     code = (
         "import sys, m2rnn; assert 'liger_kernel' not in sys.modules; "
