@@ -18,5 +18,10 @@ from .training import install_peft_defaults  # noqa: E402
 
 install_peft_defaults()
 
+# `Trainer(use_liger_kernel=True)` support, registered with liger-kernel when (and only if) it gets imported
+from .training import install_liger_registration  # noqa: E402
+
+install_liger_registration()
+
 __version__ = "0.1.0"
 __all__ = ["M2RNNCache", "M2RNNConfig", "M2RNNForCausalLM", "M2RNNModel", "M2RNNPreTrainedModel", "M2RNNStaticCache"]

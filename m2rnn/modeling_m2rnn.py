@@ -29,6 +29,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .cache_m2rnn import M2RNNCache, M2RNNStaticCache, TokenCounterMixin, cached_length, check_cache
 from .configuration_m2rnn import M2RNNConfig
 from .kernels import check_cu_seqlens
+from .losses import fused_linear_cross_entropy
 from .mixers_m2rnn import (
     M2RNNAttention,
     M2RNNGatedDeltaNet,
@@ -117,9 +118,12 @@ class M2RNNSparseMoeBlock(nn.Module):
         return output.reshape(shape)
 
     def experts_sparse(self, tokens: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
-        """Each routed expert on its own tokens only. Reads the routing on the host (`.tolist()`), so eager only."""
+        """Each routed expert on its own tokens only. Reads the routing on the host (`.tolist()`), so eager only.
+        While training, an expert that got no token still runs (on zero tokens): its parameters join the graph
+        with zero gradients, so data-parallel engines (DDP) see every parameter used on every process."""
         output = torch.zeros_like(tokens)
-        for expert_idx in top_experts.unique().tolist():
+        every_expert = self.training and torch.is_grad_enabled()
+        for expert_idx in range(self.num_experts) if every_expert else top_experts.unique().tolist():
             token_idx, slot = torch.where(top_experts == expert_idx)
             expert_out = self.experts[expert_idx](tokens[token_idx]) * top_weights[token_idx, slot, None]
             output.index_add_(0, token_idx, expert_out.to(output.dtype))
@@ -516,6 +520,8 @@ class M2RNNModel(M2RNNPreTrainedModel):
 
 
 class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
+    # training forwards with labels compute the loss without logits (`m2rnn.losses.apply_liger_kernel_to_m2rnn`)
+    fused_linear_cross_entropy: bool = False
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
@@ -580,6 +586,8 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
         output_router_logits = output_router_logits and self.config.num_experts > 0
+        skip_logits = kwargs.pop("skip_logits", None)  # Trainer's use_liger_kernel evaluation passes it
+        skip_logits = self.training if skip_logits is None else skip_logits
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -592,11 +600,13 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-
-        loss = aux_loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        logits = loss = aux_loss = None
+        if self.fused_linear_cross_entropy and labels is not None and skip_logits:
+            loss = fused_linear_cross_entropy(hidden_states[:, keep, :], self.lm_head.weight, labels, **kwargs)
+        else:
+            logits = self.lm_head(hidden_states[:, keep, :])
+            if labels is not None:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         if output_router_logits and outputs.router_logits:
             aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok)
             if loss is not None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .configuration_m2rnn import M2RNNConfig
+from .losses import apply_liger_kernel_to_m2rnn, liger_available
 
 # ---------------------------------------------------------------------------------------------------------------
 # PEFT target names
@@ -116,8 +117,8 @@ def register_peft_defaults(model_type: str = M2RNNConfig.model_type) -> None:
 class _AfterImport(importlib.abc.MetaPathFinder):
     """One-shot import hook: run `callback` right after the module `name` has been executed."""
 
-    def __init__(self, name: str, callback: Callable[[], None]):
-        self.name, self.callback = name, callback
+    def __init__(self, name: str, callback: Callable[[], None], what: str):
+        self.name, self.callback, self.what = name, callback, what
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname != self.name:
@@ -126,17 +127,23 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        exec_module, callback = spec.loader.exec_module, self.callback
+        exec_module, callback, what = spec.loader.exec_module, self.callback, self.what
 
         def exec_then_callback(module: Any) -> None:
             exec_module(module)
             try:
                 callback()
-            except Exception as error:  # never break the user's import of PEFT
-                warnings.warn(f"m2rnn: could not register default LoRA targets with PEFT: {error!r}", stacklevel=2)
+            except Exception as error:  # never break the user's import
+                warnings.warn(f"m2rnn: could not {what}: {error!r}", stacklevel=2)
 
         spec.loader.exec_module = exec_then_callback
         return spec
+
+
+def after_import(name: str, callback: Callable[[], None], what: str) -> None:
+    """Run `callback` right after module `name` is first imported (once; `what` names it in a failure warning)."""
+    if not any(isinstance(finder, _AfterImport) and finder.name == name for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, callback, what))
 
 
 def install_peft_defaults() -> None:
@@ -147,8 +154,27 @@ def install_peft_defaults() -> None:
     if "peft.utils.constants" in sys.modules:
         register_peft_defaults()
     elif importlib.util.find_spec("peft") is not None:
-        if not any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
-            sys.meta_path.insert(0, _AfterImport("peft.utils.constants", register_peft_defaults))
+        after_import("peft.utils.constants", register_peft_defaults, "register default LoRA targets with PEFT")
+
+
+_LIGER_TABLE_MODULE = "liger_kernel.transformers.monkey_patch"
+
+
+def register_with_liger() -> None:
+    """Add `m2rnn → apply_liger_kernel_to_m2rnn` to liger's model-type table (imports liger-kernel), so that
+    `Trainer(use_liger_kernel=True)` and liger's `_apply_liger_kernel_to_instance` know our model type."""
+    from liger_kernel.transformers import monkey_patch
+
+    monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN.setdefault(M2RNNConfig.model_type, apply_liger_kernel_to_m2rnn)
+
+
+def install_liger_registration() -> None:
+    """Register with liger now if its table is imported, else right after it is; nothing without liger-kernel.
+    `import m2rnn` never imports liger-kernel (it pulls in triton and many transformers model files)."""
+    if _LIGER_TABLE_MODULE in sys.modules:
+        register_with_liger()
+    elif liger_available():
+        after_import(_LIGER_TABLE_MODULE, register_with_liger, "register the m2rnn model type with liger-kernel")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,10 +202,13 @@ __all__ = [
     "LORA_TARGET_MODULES",
     "RECURRENT_PARAMETERS",
     "STATE_WEIGHT_TARGET",
+    "after_import",
+    "install_liger_registration",
     "install_peft_defaults",
     "lora_target_modules",
     "merge_and_unload",
     "recurrent_modules_to_save",
     "register_peft_defaults",
+    "register_with_liger",
     "text_documents",
 ]

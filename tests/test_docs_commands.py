@@ -246,6 +246,16 @@ CASES: dict[str, Case] = {
         outputs=("runs/finetune/model.safetensors",), stdout=r"weights identical on all 2 processes: True"),
     "accelerate launch --config_file examples/accelerate/ddp.yaml examples/finetune_trainer.py --bf16": Case(
         outputs=("runs/finetune_trainer/model.safetensors",)),
+    "python examples/finetune.py --cpu --save-every 10 --checkpoint-dir runs/ckpt && python examples/finetune.py --cpu "
+    "--resume-from runs/ckpt/step-10 --output-dir runs/resumed && python examples/finetune.py --consolidate "
+    "runs/ckpt/step-20 --output-dir runs/consolidated": Case(
+        outputs=("runs/ckpt/step-10/finetune_state.json", "runs/ckpt/step-20/model.safetensors",
+                 "runs/resumed/model.safetensors", "runs/consolidated/model.safetensors",
+                 "runs/consolidated/modeling_m2rnn.py"),
+        stdout=r"resumed from runs/ckpt/step-10 after step 10(?s:.*)consolidated runs/ckpt/step-20"),
+    "accelerate launch --config_file examples/accelerate/ddp.yaml -m m2rnn eval niah MODEL --tasks single_1 "
+    "--lengths 512 --limit 2 --output-dir out/niah-dp": Case(
+        inputs=("MODEL",), outputs=("out/niah-dp/results.json",), stdout=r"^(?!(?s:.*)results: (?s:.*)results: )"),
     # ----- healing (README, docs/healing.md)
     "python examples/heal_swapped_layer.py": Case(
         outputs=("heal-example-output/healed/results.json", "heal-example-output/healed/loss_curves.png"), slow=True),

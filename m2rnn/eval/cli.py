@@ -200,14 +200,19 @@ def _check_model_options(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace, inputs: list[str | None], body: Callable[[Path], str]) -> int:
     """Run `body(folder)` in a staged --output-dir (every bar silenced with --no-progress); print the summary."""
-    from ..utils import staged_output
+    from ..utils import check_output, staged_output
     from ..utils import progress_bars
+    from .distributed import init_data_parallel, run_on_every_rank
 
     _check_model_options(args)
     inputs = [args.model, getattr(args, "tokenizer", None), *inputs]
+    check_output(args.output_dir, inputs, overwrite=args.overwrite, option="--output-dir")  # on every process
+    init_data_parallel()  # under accelerate launch / torchrun: samples are split across the processes
     with progress_bars(not args.no_progress):
-        with staged_output(args.output_dir, inputs, overwrite=args.overwrite, option="--output-dir") as folder:
-            summary = body(folder)
+        summary = run_on_every_rank(body, lambda: staged_output(
+            args.output_dir, inputs, overwrite=args.overwrite, option="--output-dir"))
+        if summary is None:  # not rank 0: rank 0 alone writes and reports
+            return 0
     print(summary.rstrip())
     print(f"\nresults: {Path(args.output_dir) / 'results.md'}")
     return 0
@@ -235,6 +240,8 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
             apply_chat_template=args.apply_chat_template, log_samples=args.log_samples, seed=args.seed,
             offline_hint=OFFLINE_LM_EVAL,
         )
+        if not results:  # a process other than rank 0 under a launcher: lm-eval gathers on rank 0
+            return ""
         markdown = results_markdown(results)
         write_results(folder, results, markdown)
         return markdown
@@ -244,6 +251,7 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
 
 def _run_longbench(args: argparse.Namespace) -> int:
     from .common import HFGenerator, announce, context_window, environment, hub_access, write_results
+    from .distributed import data_parallel, global_batch_size
     from .longbench import load_examples, plan, resolve_tasks, results_markdown, run_longbench, write_predictions
 
     tasks = resolve_tasks(args.tasks)
@@ -264,8 +272,9 @@ def _run_longbench(args: argparse.Namespace) -> int:
             max_length = window - 500
         announce("longbench", plan(model, tokenizer, data, max_length, next(model.parameters()).device.type))
         results = run_longbench(
-            HFGenerator(model, tokenizer), tokenizer, tasks, max_length=max_length, data=data,
-            batch_size=args.batch_size, chat_template=args.chat_template, progress=not args.no_progress,
+            data_parallel(HFGenerator(model, tokenizer), args.batch_size), tokenizer, tasks, max_length=max_length,
+            data=data, batch_size=global_batch_size(args.batch_size), chat_template=args.chat_template,
+            progress=not args.no_progress,
         )
         write_predictions(folder, results.pop("predictions"))
         results.update(model=args.model, **environment())
@@ -278,6 +287,7 @@ def _run_longbench(args: argparse.Namespace) -> int:
 
 def _run_niah(args: argparse.Namespace) -> int:
     from . import niah
+    from .distributed import data_parallel, global_batch_size
     from .common import (
         HFGenerator,
         announce,
@@ -304,8 +314,9 @@ def _run_niah(args: argparse.Namespace) -> int:
         model = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
         announce("niah", niah.plan(model, tasks, lengths, depths, samples, where=where))
         results = niah.run_niah(
-            HFGenerator(model, tokenizer), tokenizer, tasks=tasks, lengths=lengths, depths=depths, samples=samples,
-            batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+            data_parallel(HFGenerator(model, tokenizer), args.batch_size), tokenizer, tasks=tasks, lengths=lengths,
+            depths=depths, samples=samples, batch_size=global_batch_size(args.batch_size), seed=args.seed,
+            progress=not args.no_progress,
         )
         results.update(model=args.model, **environment())
         markdown = niah.results_markdown(results, f"Needle in a haystack: {args.model}")
