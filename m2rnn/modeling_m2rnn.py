@@ -750,9 +750,9 @@ class M2RNNPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
         """transformers' save, plus what makes the folder load anywhere with `trust_remote_code=True`: the flat code
-        files, `auto_map` and a model card (`m2rnn.hub`)."""
+        files, `auto_map` and a model card (`m2rnn.remote_code`)."""
         try:  # the m2rnn package; absent where the flat trust_remote_code copy of this file runs
-            from m2rnn.hub import save_pretrained_with_hub_files
+            from m2rnn.remote_code import save_pretrained_with_hub_files
         except ImportError:
             return super().save_pretrained(save_directory, *args, **kwargs)
         return save_pretrained_with_hub_files(self, super().save_pretrained, save_directory, *args, **kwargs)

@@ -30,9 +30,11 @@ from typing import Any
 
 import torch
 
-from ..configuration_m2rnn import M2RNNConfig
-from ..modeling_m2rnn import M2RNNForCausalLM, M2RNNMixer, M2RNNModel, M2RNNPreTrainedModel
-from .common import Getter, ImportPlan, TensorSpec, expected_tensors
+from m2rnn.configuration_m2rnn import M2RNNConfig
+from m2rnn.modeling_m2rnn import M2RNNForCausalLM, M2RNNMixer, M2RNNModel, M2RNNPreTrainedModel
+from m2rnn.meta import expected_tensors
+
+from .common import Getter, ImportPlan, TensorSpec
 from .io import ConversionError
 
 INITS = ("fresh", "transplant")
