@@ -571,3 +571,13 @@ def test_saved_and_card_files_honour_the_umask(tiny_model, tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "saved").iterdir()}
     assert modes.pop("config.json") == 0o600
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_save_pretrained_push_uploads_the_complete_folder(tiny_model, tmp_path, fake_hub):
+    """`save_pretrained(push_to_hub=True)` uploads after the flat code, auto_map and card are written."""
+    tiny_model.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="me/saved")
+    received = fake_hub.files["me/saved@main"]
+    assert fake_hub.unknown == []
+    assert {"config.json", "model.safetensors", "modeling_m2rnn.py", "configuration_m2rnn.py", "README.md"} <= set(received)
+    assert json.loads(received["config.json"])["auto_map"] == AUTO_MAP
+    assert not [name for name in received if name.startswith(".")]

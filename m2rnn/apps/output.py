@@ -1,6 +1,6 @@
 """The one output-safety rule every command that writes a folder follows (examples use it too).
 
-The rule (`prepare_output` / `staged_output`):
+The rule (`check_output`, then `staged_output`):
 
 - an existing output is replaced only with `overwrite=True`, and only when this project wrote it (it holds the
   marker file `OUTPUT_MARKER`) or it is an empty folder;
