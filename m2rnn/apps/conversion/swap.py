@@ -1,7 +1,7 @@
 """Replace Gated DeltaNet layers by M2RNN layers, in a config, a loaded model, or an import plan (streaming).
 
 `init="fresh"`: the paper's init for the new layer (N(0, 0.02) projections, out_proj scaled by 1/√(2L),
-A ~ U(A_init_range), dt ~ logU(dt_min, dt_max), W = I, D = 1, norm weight 1).
+A ~ U(A_init_range), dt ~ logU(dt_min, dt_max), W = I, D = 1, norm weight 1; docs/m2rnn-layer.md).
 
 `init="transplant"`: the M2RNN layer gets the GDN layer's shape (q, k heads = GDN key heads of size DK; v, forget,
 weight and gate heads = GDN value heads of size DV; same conv kernel) and reuses what maps:
