@@ -19,6 +19,10 @@ from m2rnn.training import (
     register_peft_defaults,
 )
 
+# PEFT's table gets our defaults at `import m2rnn` only when PEFT came first; here other test modules may have
+# imported m2rnn before PEFT, so register explicitly (the import orders are tested in subprocesses below)
+register_peft_defaults()
+
 
 
 def base_model(seed: int = 0) -> M2RNNForCausalLM:
@@ -81,7 +85,6 @@ def test_default_lora_targets_are_registered_without_an_import_hook(order):
 
 
 def test_default_lora_config_targets_every_mixer():
-    register_peft_defaults()
     model = get_peft_model(base_model(), LoraConfig(r=2))  # no target_modules: our registered defaults
     assert adapted_suffixes(model) == set(DEFAULT_LORA_TARGET_MODULES)
     adapted = {n.split(".mixer.")[0].rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
