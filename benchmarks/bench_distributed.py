@@ -183,7 +183,7 @@ def check_consolidated(consolidated: Path, full: Path, output: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     import m2rnn  # noqa: F401  (registers the model type)
-    from m2rnn.hub import load_without_package
+    from m2rnn.apps.hub import load_without_package
 
     ours = AutoModelForCausalLM.from_pretrained(consolidated).eval()
     reference = AutoModelForCausalLM.from_pretrained(full).eval()

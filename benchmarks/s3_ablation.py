@@ -5,7 +5,7 @@
     python benchmarks/s3_ablation.py lm --w-init orthogonal --corpus corpus.txt --output-dir OUT    # one LM run
     python benchmarks/s3_ablation.py report OUT --into benchmarks/s3                                # table + plot
 
-S3 runs (`m2rnn.demo` builds the models): the M2RNN with the full recipe (`S3_RECIPE_CHANGES`: orthogonal W, no
+S3 runs (`m2rnn.apps.s3_models` builds the models): the M2RNN with the full recipe (`S3_RECIPE_CHANGES`: orthogonal W, no
 forget gate, in_proj std 1/√width + identity conv) and with each change removed, 3 seeds each; our 3-layer GDN
 [-1, 1] with the same training; the harness's one-layer GDN [-1, 1] with the harness's recipe (a fixed set of
 100k sequences of length 128, AdamW lr 1e-3, batch 2048, 4,850 cosine steps); a one-layer GRU. Training stops at
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from m2rnn.demo import S3_RECIPE_CHANGES, build_model, count_parameters, gdn_config, harness_gdn_config, m2rnn_config
-from m2rnn.eval import s3
+from m2rnn.apps.s3_models import S3_RECIPE_CHANGES, build_model, gdn_config, harness_gdn_config, m2rnn_config
+from m2rnn.apps.eval import s3
+from m2rnn.apps.training_loop import train_loop
 
 TRAIN_LENGTH = 128
 EVAL_LENGTHS = [4, 8, 16, 32, 64, 128, 256, 384, 512]
@@ -87,7 +88,7 @@ def train_s3_run(args: argparse.Namespace) -> None:
     ours = s3.evaluate_s3(model, EVAL_LENGTHS, num_samples=min(256, args.eval_samples), seed=20_000)
     record = {
         "name": name, "model": args.model, "drop": args.drop, "seed": args.seed,
-        "parameters": count_parameters(model), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "parameters": model.num_parameters(), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "torch": torch.__version__, "train_length": TRAIN_LENGTH, "recipe": recipe | {"seconds": args.seconds},
         "steps_run": history.steps[-1], "reached_length": history.lengths[-1], "train_seconds": history.seconds,
         "paper_way": {str(n): r for n, r in paper.items()}, "ours": {str(n): r for n, r in ours.items()},
@@ -148,24 +149,20 @@ def train_lm_run(args: argparse.Namespace) -> None:
         model.train()
         return loss
 
-    curve, start = [], time.perf_counter()
-    model.train()
-    for step in range(args.steps):
-        lr = s3.lr_at(step, args.steps, args.lr, "cosine", 100)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def step_loss(step: int) -> torch.Tensor:
         starts = torch.randint(0, len(train_data) - length - 1, (batch,), generator=generator)
         ids = torch.stack([train_data[i : i + length] for i in starts]).to(device)
-        loss = model(ids, labels=ids).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        return model(ids, labels=ids).loss
+
+    curve, start = [], time.perf_counter()
+    for done in train_loop(model, optimizer, s3.s3_schedule("cosine", args.steps, 100), step_loss, max_grad_norm=1.0,
+                           progress=False):
+        step = done.index
         if (step + 1) % 100 == 0 or step + 1 == args.steps:
-            curve.append({"step": step + 1, "train_loss": loss.item(), "val_loss": val_loss()})
+            curve.append({"step": step + 1, "train_loss": done.loss.item(), "val_loss": val_loss()})
         if args.seconds and time.perf_counter() - start > args.seconds:
             break
-    record = {"w_init": args.w_init, "parameters": count_parameters(model), "steps_planned": args.steps,
+    record = {"w_init": args.w_init, "parameters": model.num_parameters(), "steps_planned": args.steps,
               "steps_run": step + 1, "seconds": time.perf_counter() - start, "lr": args.lr, "batch": batch,
               "length": length, "corpus_bytes": len(data), "final_val_loss": curve[-1]["val_loss"], "curve": curve}
     out = Path(args.output_dir) / "lm"

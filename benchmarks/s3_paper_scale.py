@@ -3,7 +3,7 @@
     python benchmarks/s3_paper_scale.py train --model m2rnn --seconds 150 --output-dir out   # one model
     python benchmarks/s3_paper_scale.py report out                                           # table + plot
 
-`train` builds the demo's model of that kind (`m2rnn.demo.m2rnn_config` / `gdn_config`; the GDN with
+`train` builds the demo's model of that kind (`m2rnn.apps.s3_models.m2rnn_config` / `gdn_config`; the GDN with
 negative eigenvalues, the paper's "Gated DeltaNet [−1,1]"), trains it on S3 running products with the doubling
 curriculum 4 → 8 → … → 128 (moving on at 99% batch accuracy) for at most `--seconds`, evaluates accuracy at
 4 … 512 on held-out sequences and writes `<model>.json`. Two `train` runs can share one GPU (the models are
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from m2rnn.demo import build_model, count_parameters, gdn_config, m2rnn_config
-from m2rnn.eval import s3
+from m2rnn.apps.s3_models import build_model, gdn_config, m2rnn_config
+from m2rnn.apps.eval import s3
 
 TRAIN_LENGTH = 128
 EVAL_LENGTHS = [4, 8, 16, 32, 64, 128, 256, 384, 512]
@@ -50,7 +50,7 @@ def train(args: argparse.Namespace) -> None:
     )
     results = s3.evaluate_s3(model, EVAL_LENGTHS, num_samples=args.eval_samples, batch_size=128)
     record = {
-        "model": NAMES[args.model] + (f" ({args.tag})" if args.tag else ""), "parameters": count_parameters(model), "device": str(device),
+        "model": NAMES[args.model] + (f" ({args.tag})" if args.tag else ""), "parameters": model.num_parameters(), "device": str(device),
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None, "torch": torch.__version__,
         "train_length": TRAIN_LENGTH, "steps_run": history.steps[-1], "reached_length": history.lengths[-1],
         "train_seconds": history.seconds, "total_seconds": time.perf_counter() - started,

@@ -35,11 +35,11 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFlattening
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
-from m2rnn.distributed import consolidate_checkpoint
+from m2rnn.apps.distributed import consolidate_checkpoint
 from m2rnn.losses import apply_liger_kernel_to_m2rnn
 from m2rnn.tokenization import BYTE_VOCAB_SIZE, byte_level_tokenizer
 from m2rnn.training import text_documents
-from m2rnn.utils import OutputError, check_output, staged_folder, staged_output, written_by_m2rnn
+from m2rnn.apps.output import OutputError, check_output, staged_folder, staged_output, written_by_m2rnn
 
 STATE_FILE = "finetune_state.json"  # the step a checkpoint was saved after
 

@@ -30,7 +30,7 @@ from m2rnn.training import (
     recurrent_modules_to_save,
     text_documents,
 )
-from m2rnn.utils import OutputError, staged_output
+from m2rnn.apps.output import OutputError, staged_output
 
 DATA = Path(__file__).parent / "data" / "tiny_corpus.txt"
 

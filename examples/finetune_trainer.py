@@ -29,7 +29,7 @@ from transformers import (
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
 from m2rnn.tokenization import BYTE_VOCAB_SIZE, byte_level_tokenizer
 from m2rnn.training import text_documents
-from m2rnn.utils import OutputError, check_output, staged_output
+from m2rnn.apps.output import OutputError, check_output, staged_output
 
 DATA = Path(__file__).parent / "data" / "tiny_corpus.txt"
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
-from m2rnn.heal import HealSettings, TextSource, byte_level_tokenizer, heal_checkpoint, load_text_blocks
-from m2rnn.heal.healing import HealResult, lm_loss, mean_layer_mse
-from m2rnn.utils import OutputError, staged_output
+from m2rnn.apps.heal import HealSettings, TextSource, byte_level_tokenizer, heal_checkpoint, load_text_blocks
+from m2rnn.apps.heal.healing import HealResult, lm_loss, mean_layer_mse
+from m2rnn.apps.output import OutputError, staged_output
 
 TEXT = Path(__file__).parent / "data" / "heal" / "river_town.txt"
 BLOCK_SIZE = 32

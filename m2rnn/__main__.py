@@ -1,5 +1,5 @@
 """`python -m m2rnn` runs the `m2rnn` console script."""
 
-from .cli import main
+from m2rnn.apps.cli import main
 
 raise SystemExit(main())

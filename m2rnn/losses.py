@@ -6,8 +6,10 @@ chunk by chunk from the final hidden states and the `lm_head` weight, so full lo
 
 The plain loss stays the default. Turn the fused one on with any of:
 
-- `Trainer(args=TrainingArguments(..., use_liger_kernel=True))`: `import m2rnn` registers `apply_liger_kernel_to_m2rnn`
-  in liger-kernel's model-type table (when liger-kernel gets imported), so Trainer applies it to our model type;
+- `Trainer(args=TrainingArguments(..., use_liger_kernel=True))`: building an `M2RNNForCausalLM` on a machine with
+  CUDA and liger-kernel (or in a process that already imported liger-kernel) registers `apply_liger_kernel_to_m2rnn`
+  in liger-kernel's model-type table, so Trainer applies it to our model type (`register_with_liger()` does it by
+  hand);
 - `m2rnn.losses.apply_liger_kernel_to_m2rnn(model)` in your own loop (or `examples/finetune.py --fused-ce`).
 
 It needs liger-kernel (`pip install liger-kernel`) and a CUDA device (on CPU: `TRITON_INTERPRET=1`, for tests).
@@ -20,12 +22,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from .configuration_m2rnn import M2RNNConfig
+
 IGNORE_INDEX = -100
+LIGER_MODEL_TABLE = "liger_kernel.transformers.monkey_patch"  # holds liger's `MODEL_TYPE_TO_APPLY_LIGER_FN`
 
 
 def liger_available() -> bool:
@@ -64,6 +71,30 @@ def apply_liger_kernel_to_m2rnn(
         raise TypeError(f"apply_liger_kernel_to_m2rnn: no M2RNNForCausalLM inside {type(model).__name__}")
     for causal_lm in causal_lms:
         causal_lm.fused_linear_cross_entropy = fused_linear_cross_entropy
+
+
+def register_with_liger() -> None:
+    """Add `m2rnn → apply_liger_kernel_to_m2rnn` to liger-kernel's model-type table (imports liger-kernel), so that
+    `Trainer(use_liger_kernel=True)` applies the fused loss to our models."""
+    from liger_kernel.transformers import monkey_patch
+
+    monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN.setdefault(M2RNNConfig.model_type, apply_liger_kernel_to_m2rnn)
+
+
+def register_with_liger_where_it_runs() -> None:
+    """Called when a causal LM is built. Registers with liger-kernel if its table is already imported, or if
+    liger-kernel is installed and CUDA is present (the only place the fused loss runs). A CPU-only process skips
+    it, since importing liger-kernel takes seconds; a broken liger-kernel install only warns."""
+    if LIGER_MODEL_TABLE not in sys.modules and not (torch.cuda.is_available() and liger_available()):
+        return
+    try:
+        register_with_liger()
+    except Exception as error:  # never break building a model over an optional integration
+        warnings.warn(
+            f"m2rnn: could not register with liger-kernel ({error!r}); Trainer(use_liger_kernel=True) will not "
+            "apply the fused loss (call m2rnn.losses.apply_liger_kernel_to_m2rnn(model) instead)",
+            stacklevel=2,
+        )
 
 
 def fused_linear_cross_entropy(

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .training import default_lora_targets
+
 if TYPE_CHECKING:
     from .configuration_m2rnn import M2RNNConfig
 
@@ -36,12 +38,6 @@ DEFAULT_LICENSE = "apache-2.0"
 PAPER_URL = "https://arxiv.org/abs/2603.14360"
 MIXER_LETTERS = {"m2rnn": "M", "gated_deltanet": "G", "full_attention": "A"}
 MIXER_NAMES = {"m2rnn": "M2RNN", "gated_deltanet": "Gated DeltaNet", "full_attention": "attention"}
-# Linear layers PEFT can target, by mixer (the MLP's are added for every layer).
-LORA_TARGETS = {
-    "m2rnn": ["in_proj", "out_proj"],
-    "gated_deltanet": ["in_proj_qkv", "in_proj_z", "out_proj"],
-    "full_attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
 CONTEXT_LENGTHS = (4096, 32768, 131072)
 CONVERSION_KEYS = ("source", "source_model_type", "swapped_layers", "init", "healing", "datasets", "license")
 
@@ -87,15 +83,6 @@ def normalize_results(results: dict[str, Any]) -> dict[str, dict[str, float]]:
             raise ModelCardError(f"results[{task!r}] has no numeric metric: {metrics!r}")
         normalized[task] = row
     return normalized
-
-
-def load_results(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-    """Read and normalize a results JSON file."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ModelCardError(f"cannot read results file {path}: {error}") from error
-    return normalize_results(data)
 
 
 def _check_conversion(conversion: dict[str, Any] | None) -> dict[str, Any]:
@@ -158,17 +145,6 @@ def _format_count(count: int) -> str:
         if count >= scale:
             return f"{count / scale:.1f}{suffix}"
     return str(count)
-
-
-def count_parameters(config: M2RNNConfig) -> int:
-    """Parameters of `M2RNNForCausalLM(config)`, built on the meta device (no memory, a few seconds for 7B)."""
-    import torch
-
-    from .modeling_m2rnn import M2RNNForCausalLM
-
-    with torch.device("meta"):
-        model = M2RNNForCausalLM(config)
-    return model.num_parameters()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,7 +288,10 @@ def render_model_card(
     results = normalize_results(results) if results else {}
     repo_id = repo_id or "<namespace>/<model>"
     model_name = model_name or repo_id.split("/")[-1]
-    num_parameters = num_parameters if num_parameters is not None else count_parameters(config)
+    if num_parameters is None:
+        from .meta import count_parameters
+
+        num_parameters = count_parameters(config)
     mixers = config.mixer_types
     datasets = datasets or conversion.get("datasets")
 
@@ -332,7 +311,7 @@ def render_model_card(
     )
     memory = layer_memory(config)
     counts = {MIXER_NAMES[m]: mixers.count(m) for m in MIXER_NAMES if m in mixers}
-    lora_targets = sorted({name for m in set(mixers) for name in LORA_TARGETS[m]} | {"gate_proj", "up_proj", "down_proj"})
+    lora_targets = sorted(default_lora_targets(mixers, mlp=True))
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
@@ -419,7 +398,7 @@ def write_model_card(
     is rendered in full before anything is written (`folder_card`), then written to a temporary file and renamed
     over README.md, so a failure leaves the old one intact.
     """
-    from .hub import atomic_write_text
+    from .remote_code import atomic_write_text
 
     text = folder_card(folder, config=config, overwrite_user_card=overwrite_user_card, **render_kwargs)
     if text is None:

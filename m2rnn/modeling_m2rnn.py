@@ -29,7 +29,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .cache_m2rnn import M2RNNCache, M2RNNStaticCache, TokenCounterMixin, cached_length, check_cache
 from .configuration_m2rnn import M2RNNConfig
 from .kernels import check_cu_seqlens
-from .losses import fused_linear_cross_entropy
+from .losses import fused_linear_cross_entropy, register_with_liger_where_it_runs
 from .mixers_m2rnn import (
     M2RNNAttention,
     M2RNNGatedDeltaNet,
@@ -305,9 +305,9 @@ class M2RNNPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
         """transformers' save, plus what makes the folder load anywhere with `trust_remote_code=True`: the flat code
-        files, `auto_map` and a model card (`m2rnn.hub`)."""
+        files, `auto_map` and a model card (`m2rnn.remote_code`)."""
         try:  # the m2rnn package; absent where the flat trust_remote_code copy of this file runs
-            from m2rnn.hub import save_pretrained_with_hub_files
+            from m2rnn.remote_code import save_pretrained_with_hub_files
         except ImportError:
             return super().save_pretrained(save_directory, *args, **kwargs)
         return save_pretrained_with_hub_files(self, super().save_pretrained, save_directory, *args, **kwargs)
@@ -532,6 +532,7 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        register_with_liger_where_it_runs()  # so that `Trainer(use_liger_kernel=True)` knows this model type
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

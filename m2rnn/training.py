@@ -5,23 +5,20 @@ Nothing here is needed to train with `Trainer`: the model computes its causal-LM
 `num_items_in_batch`, supports gradient checkpointing and reads padding-free batches from
 `DataCollatorWithFlattening` by itself. See `docs/finetuning.md`.
 
-PEFT is optional and never imported by `import m2rnn`: `install_peft_defaults()` registers our default LoRA targets
-the moment PEFT's constants module is imported (or at once if it already is), so `LoraConfig()` without
-`target_modules` works for `model_type="m2rnn"`.
+PEFT is optional and never imported by `import m2rnn`. `LoraConfig()` without `target_modules` finds our defaults
+in PEFT's per-model-type table (`register_peft_defaults`): `import m2rnn` fills it in when PEFT is already
+imported, and so do the helpers here that come before `get_peft_model` (`lora_target_modules`,
+`recurrent_modules_to_save`); otherwise pass `target_modules=list(DEFAULT_LORA_TARGET_MODULES)` or call `register_peft_defaults()`.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import os
 import sys
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from .configuration_m2rnn import M2RNNConfig
-from .losses import apply_liger_kernel_to_m2rnn, liger_available
 
 # ---------------------------------------------------------------------------------------------------------------
 # PEFT target names
@@ -39,11 +36,20 @@ Every one is called as a module, so a LoRA delta on it reaches the output. `"all
 not `lm_head`). Not LoRA targets: each mixer's depthwise `conv1d` (its weight goes straight into the conv kernel, so
 a LoRA on it would be bypassed), and the MoE router `mlp.gate` (a bare parameter)."""
 
+MIXER_MAIN_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "full_attention": LORA_TARGET_MODULES["full_attention"],
+    "m2rnn": ("in_proj", "out_proj"),
+    "gated_deltanet": ("in_proj_qkv", "in_proj_z", "out_proj"),
+}
+"""Each mixer's main input and output projections: the default LoRA targets. The GDN gate projections `in_proj_a` /
+`in_proj_b` (one output per head) are left out."""
+
 DEFAULT_LORA_TARGET_MODULES: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "in_proj_qkv", "in_proj_z", "out_proj",
 )
 """What `LoraConfig()` without `target_modules` adapts on an m2rnn model: every mixer's main input and output
-projections (attention q/k/v/o, M2RNN `in_proj`/`out_proj`, GDN `in_proj_qkv`/`in_proj_z`/`out_proj`)."""
+projections (`MIXER_MAIN_PROJECTIONS`: attention q/k/v/o, M2RNN `in_proj`/`out_proj`, GDN `in_proj_qkv`/`in_proj_z`/
+`out_proj`)."""
 
 STATE_WEIGHT_TARGET = "mixer.state_weight"
 """`LoraConfig(target_parameters=[STATE_WEIGHT_TARGET])` gives each M2RNN head's (V, V) recurrent weight W its own
@@ -57,6 +63,7 @@ RECURRENT_PARAMETERS: tuple[str, ...] = ("A_log", "dt_bias", "D", "conv1d.weight
 
 def lora_target_modules(config: M2RNNConfig) -> list[str]:
     """Every LoRA-able module name present in a model of this config (the same set `"all-linear"` finds)."""
+    register_peft_defaults_if_imported()
     kinds = set(config.mixer_types)
     kinds.add("moe" if config.num_experts else "mlp")
     if config.num_experts and len(config.mlp_only_layers) > 0:
@@ -70,6 +77,15 @@ def lora_target_modules(config: M2RNNConfig) -> list[str]:
     return names
 
 
+def default_lora_targets(mixer_types: Iterable[str] | None = None, mlp: bool = False) -> list[str]:
+    """The default LoRA target names (`DEFAULT_LORA_TARGET_MODULES`, in that order), only those of `mixer_types`
+    when given, then the MLP's (`gate_proj`, `up_proj`, `down_proj`, MoE experts included) with `mlp=True`."""
+    kinds = MIXER_MAIN_PROJECTIONS if mixer_types is None else set(mixer_types)
+    present = {name for kind in kinds for name in MIXER_MAIN_PROJECTIONS[kind]}
+    names = [name for name in DEFAULT_LORA_TARGET_MODULES if name in present]
+    return names + list(LORA_TARGET_MODULES["mlp"]) if mlp else names
+
+
 def recurrent_modules_to_save(model: Any, mixer_types: Iterable[str] = ("m2rnn", "gated_deltanet")) -> list[str]:
     """Names of the recurrent mixers of `model` for PEFT's `modules_to_save`, so that `A_log`, `dt_bias`, `D`, W,
     the conv and the mixer norm train in full and are saved with the adapter.
@@ -77,6 +93,7 @@ def recurrent_modules_to_save(model: Any, mixer_types: Iterable[str] = ("m2rnn",
     `model` is an `M2RNNForCausalLM` or an `M2RNNModel`. Names carry the `layers.<i>.` prefix because PEFT matches
     `modules_to_save` as plain suffixes (a bare "mixer" would also copy every attention layer).
     """
+    register_peft_defaults_if_imported()
     mixer_types = tuple(mixer_types)
     for kind in mixer_types:
         if kind not in ("m2rnn", "gated_deltanet"):
@@ -114,67 +131,10 @@ def register_peft_defaults(model_type: str = M2RNNConfig.model_type) -> None:
     constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(model_type, list(DEFAULT_LORA_TARGET_MODULES))
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """One-shot import hook: run `callback` right after the module `name` has been executed."""
-
-    def __init__(self, name: str, callback: Callable[[], None], what: str):
-        self.name, self.callback, self.what = name, callback, what
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != self.name:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module, callback, what = spec.loader.exec_module, self.callback, self.what
-
-        def exec_then_callback(module: Any) -> None:
-            exec_module(module)
-            try:
-                callback()
-            except Exception as error:  # never break the user's import
-                warnings.warn(f"m2rnn: could not {what}: {error!r}", stacklevel=2)
-
-        spec.loader.exec_module = exec_then_callback
-        return spec
-
-
-def after_import(name: str, callback: Callable[[], None], what: str) -> None:
-    """Run `callback` right after module `name` is first imported (once; `what` names it in a failure warning)."""
-    if not any(isinstance(finder, _AfterImport) and finder.name == name for finder in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(name, callback, what))
-
-
-def install_peft_defaults() -> None:
-    """Register default LoRA targets with PEFT now if PEFT is imported, else when it is; nothing if not installed.
-
-    Importing PEFT costs a few hundred modules, so `import m2rnn` never does it itself.
-    """
+def register_peft_defaults_if_imported() -> None:
+    """`register_peft_defaults()` when PEFT is already imported; nothing otherwise (PEFT costs hundreds of modules)."""
     if "peft.utils.constants" in sys.modules:
         register_peft_defaults()
-    elif importlib.util.find_spec("peft") is not None:
-        after_import("peft.utils.constants", register_peft_defaults, "register default LoRA targets with PEFT")
-
-
-_LIGER_TABLE_MODULE = "liger_kernel.transformers.monkey_patch"
-
-
-def register_with_liger() -> None:
-    """Add `m2rnn → apply_liger_kernel_to_m2rnn` to liger's model-type table (imports liger-kernel), so that
-    `Trainer(use_liger_kernel=True)` and liger's `_apply_liger_kernel_to_instance` know our model type."""
-    from liger_kernel.transformers import monkey_patch
-
-    monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN.setdefault(M2RNNConfig.model_type, apply_liger_kernel_to_m2rnn)
-
-
-def install_liger_registration() -> None:
-    """Register with liger now if its table is imported, else right after it is; nothing without liger-kernel.
-    `import m2rnn` never imports liger-kernel (it pulls in triton and many transformers model files)."""
-    if _LIGER_TABLE_MODULE in sys.modules:
-        register_with_liger()
-    elif liger_available():
-        after_import(_LIGER_TABLE_MODULE, register_with_liger, "register the m2rnn model type with liger-kernel")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,15 +160,14 @@ def text_documents(path: str | os.PathLike, tokenizer: Any, max_length: int = 25
 __all__ = [
     "DEFAULT_LORA_TARGET_MODULES",
     "LORA_TARGET_MODULES",
+    "MIXER_MAIN_PROJECTIONS",
     "RECURRENT_PARAMETERS",
     "STATE_WEIGHT_TARGET",
-    "after_import",
-    "install_liger_registration",
-    "install_peft_defaults",
     "lora_target_modules",
+    "default_lora_targets",
     "merge_and_unload",
     "recurrent_modules_to_save",
     "register_peft_defaults",
-    "register_with_liger",
+    "register_peft_defaults_if_imported",
     "text_documents",
 ]

@@ -24,9 +24,9 @@ from transformers import AutoModelForCausalLM
 
 import m2rnn  # noqa: F401  (registers the Auto classes)
 from m2rnn import M2RNNForCausalLM
-from m2rnn.conversion import ConversionError, convert_checkpoint, import_checkpoint, swap_layers
-from m2rnn.conversion.reference import torch_gdn_path
-from m2rnn.utils import OutputError
+from m2rnn.apps.conversion import ConversionError, convert_checkpoint, import_checkpoint, swap_layers
+from m2rnn.apps.conversion.reference import torch_gdn_path
+from m2rnn.apps.output import OutputError
 
 VOCAB = 96
 GDN = dict(
@@ -444,7 +444,7 @@ def test_swap_layers_on_model_and_config(qwen3_5_dir):
 # CLI and refusals
 # ---------------------------------------------------------------------------------------------------------------
 def test_cli_convert_verify_swap(qwen3_5_dir, tmp_path, capsys):
-    from m2rnn.cli import main
+    from m2rnn.apps.cli import main
 
     src, _ = qwen3_5_dir
     out = tmp_path / "cli"
@@ -514,8 +514,8 @@ def test_refusals(qwen3_5_dir, tmp_path):
 
 def test_streaming_io_holds_few_tensors(qwen3_5_dir, tmp_path):
     """The reader keeps at most two loaded tensors; the writer's shards respect the size limit and load back."""
-    from m2rnn.conversion.convert import plan_import
-    from m2rnn.conversion.io import write_sharded_safetensors
+    from m2rnn.apps.conversion.convert import plan_import
+    from m2rnn.apps.conversion.io import write_sharded_safetensors
 
     src, _ = qwen3_5_dir
     plan, reader, _ = plan_import(src)

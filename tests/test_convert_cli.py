@@ -2,7 +2,7 @@
 (nothing the user gave is lost, killed runs leave nothing behind), provenance, and one clear line for every bad input.
 
 Subprocess tests run the `m2rnn` console script with this checkout first on PYTHONPATH; the many bad-input cases run
-in-process through `m2rnn.cli.main` (the same code, without a new interpreter per case).
+in-process through `m2rnn.apps.cli.main` (the same code, without a new interpreter per case).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import torch
 from safetensors.torch import save_file
 
 import m2rnn  # noqa: F401  (registers the Auto classes)
-from m2rnn.cli import main
-from m2rnn.conversion import ConversionError, convert_checkpoint
-from m2rnn.utils import OUTPUT_MARKER, parse_dtype
+from m2rnn.apps.cli import main
+from m2rnn.apps.conversion import ConversionError, convert_checkpoint
+from m2rnn.apps.options import parse_dtype
+from m2rnn.apps.output import OUTPUT_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINT = shutil.which("m2rnn", path=str(Path(sys.executable).parent)) or "m2rnn"
@@ -385,7 +386,7 @@ def test_bad_source_is_one_clear_line(source, tmp_path, capsys, make):
         (["{src}", "{out}", "--max-shard-size", "0"], 2, "--max-shard-size: '0' must be a positive, finite"),
         (["{src}", "{out}", "--max-shard-size", "-1"], 2, "--max-shard-size: '-1' must be a positive, finite"),
         (["{src}", "{out}", "--dtype", "int8"], 2, "dtype 'int8' is not supported; choose one of: float32, fp32"),
-        (["{src}", "{out}", "--swap-layers", "0;2"], 2, "--swap-layers: '0;2' must be comma-separated layer indices"),
+        (["{src}", "{out}", "--swap-layers", "0;2"], 2, "--swap-layers: '0;2' is not an integer; expected comma-separated layer indices"),
         (["{src}", "{out}", "--swap-layers", "9"], 1, "layer 9 is outside 0..3"),
         (["{src}", "{out}", "--swap-layers", "-1"], 1, "layer -1 is outside 0..3"),
         (["{src}", "{out}", "--swap-layers", "1,1"], 1, "repeats a layer"),

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2rnn import cli, demo
-from m2rnn.eval import s3
-from m2rnn.utils import OUTPUT_MARKER
+from m2rnn.apps import cli, demo, s3_models
+from m2rnn.apps.eval import s3
+from m2rnn.apps.output import OUTPUT_MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 def test_reloaded_model_is_an_auto_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = demo.build_model(demo.m2rnn_config(quick=True), seed=0)
+    model = s3_models.build_model(s3_models.m2rnn_config(quick=True), seed=0)
     reloaded = demo.save_and_reload(model, tmp_path / "m")
     assert isinstance(reloaded, AutoModelForCausalLM._model_mapping[type(model.config)])
     x = torch.randint(0, 6, (2, 7))

@@ -176,7 +176,7 @@ def test_limit_that_is_not_a_count_is_a_usage_error(models, tmp_path, capsys):
     result = m2rnn("eval", "niah", str(models / "with_tokenizer"), "--limit", "nan", "--output-dir",
                    str(tmp_path / "out"))
     assert result.returncode == 2 and "argument --limit" in result.stderr and "Traceback" not in result.stderr
-    from m2rnn.cli import build_parser
+    from m2rnn.apps.cli import build_parser
 
     for limit in ("inf", "1.5", "0", "-3", "many"):
         with pytest.raises(SystemExit) as exit_info:
@@ -195,7 +195,7 @@ def test_no_progress_silences_every_bar(models, tmp_path):
 
 
 def test_help_shows_every_default():
-    from m2rnn.cli import build_parser
+    from m2rnn.apps.cli import build_parser
 
     eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
     for name, command in eval_parser._subparsers._group_actions[0].choices.items():

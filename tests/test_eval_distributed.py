@@ -1,4 +1,4 @@
-"""Data-parallel `m2rnn eval` (`m2rnn.eval.distributed`): prompts split across processes in the groups a one-process
+"""Data-parallel `m2rnn eval` (`m2rnn.apps.eval.distributed`): prompts split across processes in the groups a one-process
 run forms, outputs gathered back in order; under torchrun on two CPU processes (gloo) `m2rnn eval niah` writes, from
 rank 0 alone, the results a one-process run writes."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
-from m2rnn.eval.distributed import DataParallelGenerator, merge, shard
+from m2rnn.apps.eval.distributed import DataParallelGenerator, merge, shard
 from m2rnn.tokenization import byte_level_tokenizer
 from test_ddp import WORLD_SIZE, spawn
 

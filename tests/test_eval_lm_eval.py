@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("lm_eval")
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM  # noqa: E402
-from m2rnn.cli import main  # noqa: E402
-from m2rnn.eval.common import byte_level_tokenizer  # noqa: E402
+from m2rnn.apps.cli import main  # noqa: E402
+from m2rnn.tokenization import byte_level_tokenizer  # noqa: E402
 
 MC_TASK = """\
 task: m2rnn_toy_choice
@@ -56,7 +56,7 @@ def setup(tmp_path_factory):
     model = M2RNNForCausalLM(M2RNNConfig.from_preset("tiny", vocab_size=260, pad_token_id=0, bos_token_id=1,
                                                      eos_token_id=2))
     model.save_pretrained(root / "model")
-    byte_level_tokenizer().save_pretrained(root / "model")
+    byte_level_tokenizer(padding_side="left").save_pretrained(root / "model")
     docs = [
         {"question": "2 + 2 =", "choices": [" 4", " 5"], "answer": 0},
         {"question": "The sky is", "choices": [" green", " blue"], "answer": 1},

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
-from m2rnn.eval import longbench as lb
-from m2rnn.eval.common import HFGenerator, byte_level_tokenizer
-from m2rnn.eval.longbench_prompts import ALL_TASKS, MAX_NEW_TOKENS, METRIC_NAMES, PROMPTS, fill_prompt
+from m2rnn.apps.eval import longbench as lb
+from m2rnn.apps.eval.common import HFGenerator
+from m2rnn.tokenization import byte_level_tokenizer
+from m2rnn.apps.eval.longbench_prompts import ALL_TASKS, MAX_NEW_TOKENS, METRIC_NAMES, PROMPTS, fill_prompt
 
 # ---------------------------------------------------------------------------------------------------- metrics
 
@@ -91,7 +92,7 @@ def test_scoring_first_line_and_max_over_answers():
 def test_truncation_keeps_head_and_tail():
     assert lb.keep_head_and_tail(list(range(10)), 4) == [0, 1, 8, 9]
     assert lb.keep_head_and_tail([1, 2], 4) == [1, 2]
-    tokenizer = byte_level_tokenizer()  # one token per byte
+    tokenizer = byte_level_tokenizer(padding_side="left")  # one token per byte
     prompt = "HEAD" + "x" * 100 + "TAIL"
     assert lb.truncate_middle(prompt, tokenizer, 8) == "HEADTAIL"
     assert lb.truncate_middle(prompt, tokenizer, 1000) == prompt
@@ -130,7 +131,7 @@ def test_runner_scores_a_fixture(tmp_path):
         calls.append((len(prompts), max_new_tokens, stop_at_newline))
         return ["\n" + re.findall(r"ECHO\[(.*?)\]", p)[-1] + "\nextra" for p in prompts]
 
-    tokenizer = byte_level_tokenizer()
+    tokenizer = byte_level_tokenizer(padding_side="left")
     results = lb.run_longbench(echo, tokenizer, ["trec", "passage_count", "gov_report"], max_length=600,
                                data_dir=_fixture(tmp_path), batch_size=2, progress=False)
     scores = {task: r["score"] for task, r in results["tasks"].items()}
@@ -156,7 +157,7 @@ def _tiny_model_dir(folder):
     config = M2RNNConfig.from_preset("tiny", vocab_size=260, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                      max_position_embeddings=800)
     M2RNNForCausalLM(config).save_pretrained(folder)
-    byte_level_tokenizer().save_pretrained(folder)
+    byte_level_tokenizer(padding_side="left").save_pretrained(folder)
     return folder
 
 
@@ -164,14 +165,14 @@ def test_hf_generator_batches_left_padded_prompts():
     torch.manual_seed(0)
     config = M2RNNConfig.from_preset("tiny", vocab_size=260, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model = M2RNNForCausalLM(config).eval()
-    generate = HFGenerator(model, byte_level_tokenizer())
+    generate = HFGenerator(model, byte_level_tokenizer(padding_side="left"))
     batched = generate(["short", "a much longer prompt"], 6)
     single = [generate([p], 6)[0] for p in ["short", "a much longer prompt"]]
     assert batched == single
 
 
 def test_longbench_command(tmp_path, capsys):
-    from m2rnn.cli import main
+    from m2rnn.apps.cli import main
 
     model_dir = _tiny_model_dir(tmp_path / "model")
     out = tmp_path / "out"

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
-from m2rnn.eval import niah
-from m2rnn.eval.common import byte_level_tokenizer, parse_float_list, parse_int_list
+from m2rnn.apps.eval import niah
+from m2rnn.tokenization import byte_level_tokenizer
+from m2rnn.apps.options import parse_float_list, parse_int_list
 
 NEEDLE = re.compile(r"One of the special magic \w+ for ([\w-]+) is: ([\w-]+)\.")
 QUESTION = re.compile(r"(?:What is|What are all) the special magic \w+ for (.+?) mentioned in the provided text\?")
@@ -29,7 +30,7 @@ def silent(prompts, max_new_tokens, stop_at_newline):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return byte_level_tokenizer()
+    return byte_level_tokenizer(padding_side="left")
 
 
 @pytest.mark.parametrize("task", niah.TASKS)
@@ -85,12 +86,12 @@ def test_too_short_length_is_named(tokenizer):
 
 
 def test_niah_command_with_a_tiny_model(tmp_path, capsys):
-    from m2rnn.cli import main
+    from m2rnn.apps.cli import main
 
     torch.manual_seed(0)
     config = M2RNNConfig.from_preset("tiny", vocab_size=260, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     M2RNNForCausalLM(config).save_pretrained(tmp_path / "model")
-    byte_level_tokenizer().save_pretrained(tmp_path / "model")
+    byte_level_tokenizer(padding_side="left").save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     argv = ["eval", "niah", str(tmp_path / "model"), "--tasks", "single_1", "--lengths", "512,768",
             "--depths", "0,1", "--limit", "1", "--batch-size", "4", "--output-dir", str(out), "--no-progress"]
@@ -106,7 +107,7 @@ def test_niah_command_with_a_tiny_model(tmp_path, capsys):
 
 def test_s3_command_shares_the_eval_group(tmp_path):
     """`m2rnn eval s3` (wiring only; the engine is tested in test_s3.py): table, plot and JSON by length."""
-    from m2rnn.cli import main
+    from m2rnn.apps.cli import main
 
     torch.manual_seed(0)
     M2RNNForCausalLM(M2RNNConfig.from_preset("tiny")).save_pretrained(tmp_path / "s3-model")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from m2rnn.utils import OUTPUT_MARKER, OutputError
+from m2rnn.apps.output import OUTPUT_MARKER, OutputError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
 COMMON = ["--cpu", "--max-steps", "4", "--batch-size", "2", "--max-length", "32", "--lr", "1e-2"]

@@ -1,6 +1,6 @@
 """FSDP2 (`fully_shard` per decoder layer, then the root: what accelerate's FSDP2 config does) on two CPU processes
 over gloo: steps equal one process with the same global batch, a sharded checkpoint resumes as if never stopped and
-consolidates (`m2rnn.distributed`) into a Hub folder that loads with and without the package, and packed batches
+consolidates (`m2rnn.apps.distributed`) into a Hub folder that loads with and without the package, and packed batches
 give the padded loss."""
 
 import importlib.util
@@ -13,8 +13,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
-from m2rnn.distributed import SHARDED_MODEL_FOLDER, SHARDED_MODEL_KEY, consolidate_checkpoint
-from m2rnn.hub import load_without_package
+from m2rnn.apps.distributed import SHARDED_MODEL_FOLDER, SHARDED_MODEL_KEY, consolidate_checkpoint
+from m2rnn.apps.hub import load_without_package
 from test_ddp import WORLD_SIZE, spawn
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"

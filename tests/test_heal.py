@@ -1,4 +1,4 @@
-"""Healing after `swap_layers` (m2rnn.heal): stage 1 lowers the replaced-layer MSE and moves only the new layers,
+"""Healing after `swap_layers` (m2rnn.apps.heal): stage 1 lowers the replaced-layer MSE and moves only the new layers,
 stage 2 lowers the KL to the teacher, the CLI writes its folder and refuses to overwrite, bad input names the key.
 
 Tiny byte-level GDN hybrids (random init, initializer_range 0.1 so that the teacher's logits are far from uniform)
@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
-from m2rnn.cli import main
-from m2rnn.conversion import swap_layers
-from m2rnn.heal import (
+from m2rnn.apps.cli import main
+from m2rnn.apps.conversion import swap_layers
+from m2rnn.apps.heal import (
     HealError,
     HealSettings,
     TextSource,
@@ -33,7 +33,7 @@ from m2rnn.heal import (
     replaced_layer_mse,
     swapped_layers,
 )
-from m2rnn.heal.healing import teacher_mixer_io
+from m2rnn.apps.heal.healing import teacher_mixer_io
 
 TEXT = Path(__file__).parents[1] / "examples" / "data" / "heal" / "river_town.txt"
 SWAPPED = 1
@@ -432,18 +432,18 @@ def test_no_progress_hides_every_bar_and_the_swap_here_is_recorded(checkpoints, 
 
 
 def test_dtype_spellings_and_bad_values(checkpoints, tmp_path, capsys):
-    from m2rnn.heal.run import _dtype
+    from m2rnn.apps.options import parse_dtype
 
-    assert _dtype("bf16") is _dtype("bfloat16") is torch.bfloat16
-    assert _dtype("fp16") is _dtype("float16") is torch.float16 and _dtype("fp32") is torch.float32
+    assert parse_dtype("bf16") is parse_dtype("bfloat16") is torch.bfloat16
+    assert parse_dtype("fp16") is parse_dtype("float16") is torch.float16 and parse_dtype("fp32") is torch.float32
     assert main(heal_args(checkpoints, tmp_path / "out", "--swap-layers", "1", "--dtype", "int8")) == 1
     assert "--dtype: dtype 'int8' is not supported; choose one of: float32, fp32" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_help_shows_every_default_and_cpu_defaults_are_small():
-    from m2rnn.cli import build_parser
-    from m2rnn.heal.healing import DEVICE_DEFAULTS
+    from m2rnn.apps.cli import build_parser
+    from m2rnn.apps.heal.healing import DEVICE_DEFAULTS
 
     parser = build_parser()
     heal_parser = parser._subparsers._group_actions[0].choices["heal"]

@@ -22,19 +22,20 @@ from transformers import AutoModelForCausalLM
 from transformers import dynamic_module_utils
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
-from m2rnn import hub
-from m2rnn.cli import main as cli_main
-from m2rnn.hub import (
+from m2rnn.apps import hub
+from m2rnn.apps.cli import main as cli_main
+from m2rnn.apps.hub import (
     AUTO_MAP,
     FolderCheckError,
     check_folder,
-    export_code,
     load_without_package,
     push_to_hub,
     save_for_hub,
 )
 from m2rnn.model_card import CARD_MARKER, ModelCardError, render_model_card, write_model_card
-from m2rnn.utils import OUTPUT_MARKER, OutputError
+from m2rnn.apps.output import OUTPUT_MARKER, OutputError
+from m2rnn import remote_code
+from m2rnn.remote_code import export_code
 
 INPUT_IDS = [[1, 17, 42, 99, 3, 250, 7, 8]]
 CONVERSION = {
@@ -119,9 +120,9 @@ def test_exported_triton_kernels_import_when_triton_is_present(tmp_path, monkeyp
     ],
 )
 def test_export_refuses_code_that_would_not_load_remotely(source, match):
-    module = hub._Module("m2rnn.example", hub.PACKAGE_DIR / "example.py", False, source, ast.parse(source))
-    with pytest.raises(hub.HubExportError, match=match):
-        hub._flatten_source(module, set(), "0")
+    module = remote_code._Module("m2rnn.example", remote_code.PACKAGE_DIR / "example.py", False, source, ast.parse(source))
+    with pytest.raises(remote_code.HubExportError, match=match):
+        remote_code._flatten_source(module, set(), "0")
 
 
 def test_write_hub_files_completes_a_converter_folder(tiny_model, tmp_path):
@@ -132,7 +133,7 @@ def test_write_hub_files_completes_a_converter_folder(tiny_model, tmp_path):
     save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, tmp_path / "model.safetensors")
     with pytest.raises(FolderCheckError, match="auto_map"):
         check_folder(tmp_path)
-    hub.write_hub_files(tmp_path, conversion=CONVERSION)
+    remote_code.write_hub_files(tmp_path, conversion=CONVERSION)
     check_folder(tmp_path)
     assert ModelCard.load(tmp_path / "README.md").data.base_model == "Qwen/Qwen3.5-0.8B"
 
@@ -243,7 +244,7 @@ def test_failed_card_write_leaves_the_readme_intact(hub_folder, tmp_path, monkey
     def fail_replace(*args):  # the rename of the finished temporary file fails: README and folder untouched
         raise OSError("disk full")
 
-    monkeypatch.setattr("m2rnn.hub.os.replace", fail_replace)
+    monkeypatch.setattr("m2rnn.remote_code.os.replace", fail_replace)
     with pytest.raises(OSError, match="disk full"):
         write_model_card(hub_folder, results=LM_EVAL_RESULTS)
     assert readme.read_text() == before
@@ -570,3 +571,13 @@ def test_saved_and_card_files_honour_the_umask(tiny_model, tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "saved").iterdir()}
     assert modes.pop("config.json") == 0o600
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_save_pretrained_push_uploads_the_complete_folder(tiny_model, tmp_path, fake_hub):
+    """`save_pretrained(push_to_hub=True)` uploads after the flat code, auto_map and card are written."""
+    tiny_model.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="me/saved")
+    received = fake_hub.files["me/saved@main"]
+    assert fake_hub.unknown == []
+    assert {"config.json", "model.safetensors", "modeling_m2rnn.py", "configuration_m2rnn.py", "README.md"} <= set(received)
+    assert json.loads(received["config.json"])["auto_map"] == AUTO_MAP
+    assert not [name for name in received if name.startswith(".")]

@@ -77,13 +77,16 @@ def test_fused_function_needs_labels_and_matches_mean_reduction():
 
 
 @needs_liger
-def test_trainer_use_liger_kernel_applies_the_fused_loss(tmp_path):
-    """`TrainingArguments(use_liger_kernel=True)` reaches our model type through liger's table (registered by
-    `import m2rnn`); two accumulated steps train to the same losses and weights as the plain loss."""
+def test_trainer_use_liger_kernel_applies_the_fused_loss(tmp_path, monkeypatch):
+    """`TrainingArguments(use_liger_kernel=True)` reaches our model type through liger's table (registered when the
+    model is built on a CUDA machine, faked here); two accumulated steps train to the same losses and weights as the
+    plain loss."""
     documents = [{"input_ids": torch.randint(3, 260, (n,)).tolist()} for n in (7, 12, 5, 9, 11, 6, 8, 10)]
     trained = {}
     for use_liger in (False, True):
-        model = _model()
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.cuda, "is_available", lambda: True)
+            model = _model()
         args = TrainingArguments(
             tmp_path / str(use_liger), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
             learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
@@ -121,9 +124,14 @@ def test_fused_loss_refused_without_liger(monkeypatch):
 
 
 @needs_liger
-def test_import_registers_lazily_with_liger():
+def test_building_a_model_registers_with_liger_where_it_runs():
+    """`import m2rnn` never imports liger-kernel; building a causal LM registers our model type in liger's table when
+    CUDA is present (faked here) or liger is already imported, and skips the seconds-long import on a CPU-only machine."""
     code = (
-        "import sys, m2rnn; assert 'liger_kernel' not in sys.modules; "
+        "import sys, torch, m2rnn; from m2rnn import M2RNNConfig, M2RNNForCausalLM; "
+        "assert 'liger_kernel' not in sys.modules; "
+        "M2RNNForCausalLM(M2RNNConfig.from_preset('tiny')); assert 'liger_kernel' not in sys.modules, 'cpu import'; "
+        "torch.cuda.is_available = lambda: True; M2RNNForCausalLM(M2RNNConfig.from_preset('tiny')); "
         "from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN as table; "
         "from m2rnn.losses import apply_liger_kernel_to_m2rnn as fn; assert table['m2rnn'] is fn; print('ok')"
     )

@@ -1,4 +1,4 @@
-"""The one output-safety rule (m2rnn.utils): what `--overwrite` may replace, partial folders, stale cleanup."""
+"""The one output-safety rule (m2rnn.apps.output): what `--overwrite` may replace, partial folders, stale cleanup."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from m2rnn.utils import OUTPUT_MARKER, PARTIAL_MARKER, OutputError, check_output, staged_output
+from m2rnn.apps.output import OUTPUT_MARKER, PARTIAL_MARKER, OutputError, check_output, staged_output
 
 
 def _ours(folder: Path) -> Path:
@@ -80,7 +80,7 @@ def test_failure_leaves_old_output_and_no_partial(tmp_path):
 def test_killed_run_partial_is_cleaned_next_time(tmp_path):
     script = (
         "import os, signal\n"
-        "from m2rnn.utils import staged_output\n"
+        "from m2rnn.apps.output import staged_output\n"
         f"with staged_output({str(tmp_path / 'out')!r}) as s:\n"
         "    (s / 'big.bin').write_bytes(b'0' * 1000)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"

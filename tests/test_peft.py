@@ -16,7 +16,12 @@ from m2rnn.training import (
     lora_target_modules,
     merge_and_unload,
     recurrent_modules_to_save,
+    register_peft_defaults,
 )
+
+# PEFT's table gets our defaults at `import m2rnn` only when PEFT came first; here other test modules may have
+# imported m2rnn before PEFT, so register explicitly (the import orders are tested in subprocesses below)
+register_peft_defaults()
 
 
 
@@ -55,17 +60,27 @@ def train_steps(model, steps: int = 3) -> None:
     model.eval()
 
 
-def test_import_m2rnn_registers_defaults_without_importing_peft():
-    code = (
-        "import sys, m2rnn\n"
-        "assert 'peft' not in sys.modules, 'import m2rnn imported peft'\n"
-        "from peft import LoraConfig, get_peft_model\n"
-        "from m2rnn.training import DEFAULT_LORA_TARGET_MODULES\n"
-        "model = m2rnn.M2RNNForCausalLM(m2rnn.M2RNNConfig.from_preset('tiny'))\n"
-        "targets = get_peft_model(model, LoraConfig(r=2)).peft_config['default'].target_modules\n"
-        "assert targets == set(DEFAULT_LORA_TARGET_MODULES), targets\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+DEFAULT_TARGETS_CHECK = (
+    "from m2rnn.training import DEFAULT_LORA_TARGET_MODULES\n"
+    "model = m2rnn.M2RNNForCausalLM(m2rnn.M2RNNConfig.from_preset('tiny'))\n"
+    "targets = get_peft_model(model, LoraConfig(r=2)).peft_config['default'].target_modules\n"
+    "assert targets == set(DEFAULT_LORA_TARGET_MODULES), targets\n"
+)
+
+
+@pytest.mark.parametrize("order", [
+    # PEFT imported first: `import m2rnn` fills in PEFT's per-model-type table
+    "import peft, sys\nhooks = list(sys.meta_path)\nimport m2rnn\nassert sys.meta_path == hooks\n"
+    "from peft import LoraConfig, get_peft_model\n",
+    # m2rnn first: it neither imports PEFT nor hooks the import system; our helpers register on first use
+    "import sys, torch, transformers\nhooks = list(sys.meta_path)\nimport m2rnn\n"
+    "assert 'peft' not in sys.modules, 'import m2rnn imported peft'\nassert sys.meta_path == hooks\n"
+    "from peft import LoraConfig, get_peft_model\n"
+    "from m2rnn.training import lora_target_modules\nlora_target_modules(m2rnn.M2RNNConfig.from_preset('tiny'))\n",
+], ids=["peft-first", "m2rnn-first"])
+def test_default_lora_targets_are_registered_without_an_import_hook(order):
+    result = subprocess.run([sys.executable, "-c", order + DEFAULT_TARGETS_CHECK], capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
 
 

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from m2rnn.eval import s3
+from m2rnn.apps.eval import s3
+
+
+class OracleS3(torch.nn.Module):
+    """Logits that put all mass on the true running product: evaluation's 100% reference."""
+
+    def __init__(self, vocab_size: int = s3.NUM_ELEMENTS) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        products = s3.running_products(input_ids)
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(products, self.vocab_size).float() * 10.0 + self.dummy)
 
 
 def test_elements_are_the_six_permutations_with_identity_first():
@@ -50,9 +64,9 @@ def test_element_names():
 
 def test_oracle_scores_100_percent():
     expected = {"sequence_accuracy": 1.0, "accuracy": 1.0, "last_accuracy": 1.0}
-    results = s3.evaluate_s3(s3.OracleS3(vocab_size=8), [1, 5, 64], num_samples=40, seed=0, batch_size=16)
+    results = s3.evaluate_s3(OracleS3(vocab_size=8), [1, 5, 64], num_samples=40, seed=0, batch_size=16)
     assert all(r == expected for r in results.values())
-    prefixes = s3.evaluate_s3_prefixes(s3.OracleS3(vocab_size=8), [4, 64], num_samples=30, seed=0, batch_size=7)
+    prefixes = s3.evaluate_s3_prefixes(OracleS3(vocab_size=8), [4, 64], num_samples=30, seed=0, batch_size=7)
     assert prefixes == {4: expected, 64: expected}
 
 
@@ -78,12 +92,12 @@ class _ForgetsAfter(torch.nn.Module):
 
     def __init__(self, horizon: int) -> None:
         super().__init__()
-        self.horizon, self.oracle = horizon, s3.OracleS3()
+        self.horizon, self.oracle = horizon, OracleS3()
 
     def forward(self, input_ids):
         logits = self.oracle(input_ids).logits.clone()
         logits[:, self.horizon :] = torch.tensor([10.0, 0, 0, 0, 0, 0])
-        return s3._Output(logits)
+        return SimpleNamespace(logits=logits)
 
 
 def test_prefix_evaluation_reads_lengths_from_the_same_sequences():
@@ -101,7 +115,7 @@ class _Constant(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.tensor([5.0, 0, 0, 0, 0, 0]))
 
     def forward(self, input_ids):
-        return s3._Output(self.bias.expand(*input_ids.shape, 6))
+        return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, 6))
 
 
 def test_constant_model_scores_about_chance():
@@ -117,10 +131,14 @@ def test_curriculum_and_schedules():
     with pytest.raises(ValueError, match="curriculum"):
         s3.curriculum_lengths([0], 4)
     for schedule in ("constant", "cosine", "onecycle"):
-        lrs = [s3.lr_at(i, 100, 1e-3, schedule, 10) for i in range(100)]
-        assert max(lrs) <= 1e-3 + 1e-12 and min(lrs) > 0
+        factors = [s3.s3_schedule(schedule, 100, 10)(i) for i in range(100)]
+        assert max(factors) <= 1 + 1e-12 and min(factors) > 0
+    cosine = s3.s3_schedule("cosine", 100, 10)
+    assert cosine(0) == 0.1 and cosine(9) == 1.0 and cosine(10) == 1.0 and cosine(100) == pytest.approx(0.05)
+    onecycle = s3.s3_schedule("onecycle", 100, 10)
+    assert onecycle(0) == pytest.approx(0.1) and onecycle(30) == 1.0 and onecycle(100) == pytest.approx(0.01)
     with pytest.raises(ValueError, match="schedule"):
-        s3.lr_at(0, 10, 1e-3, "linear", 0)
+        s3.s3_schedule("linear", 10, 0)
 
 
 def test_table_and_plot(tmp_path):
@@ -159,7 +177,7 @@ def test_tiny_m2rnn_trained_for_a_few_steps_beats_chance():
 def test_fixed_dataset_training_draws_only_from_the_fixed_set(monkeypatch):
     seen = []
 
-    class Spy(s3.OracleS3):
+    class Spy(OracleS3):
         def forward(self, input_ids):
             seen.append(input_ids.clone())
             return super().forward(input_ids)
@@ -179,7 +197,7 @@ def test_fixed_dataset_training_draws_only_from_the_fixed_set(monkeypatch):
 
 def test_harness_gdn_builds_one_layer_without_conv_or_gates(monkeypatch):
     from m2rnn import mixers_m2rnn
-    from m2rnn.demo import build_model, harness_gdn_config
+    from m2rnn.apps.s3_models import build_model, harness_gdn_config
 
     model = build_model(harness_gdn_config(), seed=0)
     config = model.config

@@ -1,1 +1,6 @@
-"""Evaluation: S3 state tracking (`m2rnn.eval.s3`); lm-eval, LongBench and needle-in-a-haystack glue."""
+"""Deprecated: moved to `m2rnn.apps.eval`; importing `m2rnn.eval` (or a module in it) warns once and returns the
+module at the new path."""
+
+from m2rnn._deprecated import alias_module
+
+alias_module(__name__, "m2rnn.apps.eval")

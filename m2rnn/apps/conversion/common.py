@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
-from ..configuration_m2rnn import M2RNNConfig
+from m2rnn.configuration_m2rnn import M2RNNConfig
+from m2rnn.meta import expected_tensors
+
 from .io import CheckpointReader, ConversionError
 
 Getter = Callable[[str], torch.Tensor]
@@ -86,18 +88,6 @@ def moe_expert_specs(
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 specs[out + f"{proj}.weight"] = copy(f"{src}experts.{e}.{proj}.weight")
     return specs
-
-
-def expected_tensors(config: M2RNNConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors an `M2RNNForCausalLM` with `config` saves (tied `lm_head` left out)."""
-    from ..modeling_m2rnn import M2RNNForCausalLM
-
-    with torch.device("meta"):
-        model = M2RNNForCausalLM(config)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
 
 
 def check_plan(plan: ImportPlan, reader: CheckpointReader) -> None:

@@ -13,9 +13,12 @@ from typing import Any
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
-from ..modeling_m2rnn import M2RNNForCausalLM
-from ..utils import check_output, parse_dtype, progress_bars, staged_output
-from .common import ImportPlan, check_plan, expected_tensors
+from m2rnn.modeling_m2rnn import M2RNNForCausalLM
+from ..options import parse_dtype, progress_bars
+from ..output import check_output, staged_output
+from m2rnn.meta import expected_tensors
+
+from .common import ImportPlan, check_plan
 from .io import CheckpointReader, ConversionError, copy_side_files, read_config, side_files, write_sharded_safetensors
 from .swap import FP32_PARAMS, INITS, swap_plan
 
@@ -36,7 +39,7 @@ REFUSED = {
     "qwen4_exp_text": "see qwen4_exp",
     "hybrid_gated_deltanet": "a custom (Idiap) model_type whose code is not part of fla",
     "m2rnn": "it is already an M2RNN-family checkpoint: load it with AutoModelForCausalLM.from_pretrained "
-    "(after `import m2rnn`), and swap more layers with m2rnn.conversion.swap_layers(model, [...])",
+    "(after `import m2rnn`), and swap more layers with m2rnn.apps.conversion.swap_layers(model, [...])",
 }
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -135,11 +138,11 @@ def convert_checkpoint(
 ) -> ConversionResult:
     """Convert `source` into an M2RNN-family checkpoint at `output`.
 
-    Every request is checked before any work (the output against `m2rnn.utils`' output-safety rule, with the
+    Every request is checked before any work (the output against `m2rnn.apps.output`' output-safety rule, with the
     source and its weight files as inputs). Tensors stream one at a time into sharded safetensors
     (`max_shard_size` bytes per file) inside a temporary folder next to `output`, renamed into place at the end, so
     a failure leaves nothing behind and the source is only read. `dtype` (`"bf16"`, `"float32"`, ... see
-    `m2rnn.utils.parse_dtype`, or a torch dtype) casts the weights, default: the source's embedding dtype;
+    `m2rnn.apps.options.parse_dtype`, or a torch dtype) casts the weights, default: the source's embedding dtype;
     `A_log`/`dt_bias` stay float32. `verify` compares logits with the source model (in its own library, fp32,
     before any swap) and records the max difference. Tokenizer files and `generation_config.json` are copied.
     The saved config records the provenance as `config.conversion` (`source_id`, the Hub repo id `source` was

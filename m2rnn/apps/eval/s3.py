@@ -1,6 +1,6 @@
 """S3 state tracking: data, training, evaluation, plot and table for any causal LM.
 
-The task (m2rnn-reference.md §6.6): read a sequence x_1 … x_T of elements of S3, the symmetric group on
+The task (from the M2RNN paper, arXiv 2603.14360): read a sequence x_1 … x_T of elements of S3, the symmetric group on
 {0, 1, 2}, and predict at every position t the running product p_t of the elements read so far. A model that
 keeps a faithful state generalises to lengths it never saw; a linear RNN such as Gated DeltaNet with gates in
 [0, 1] cannot represent the non-abelian group and fails past its training length.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from ..training_loop import Schedule, train_loop
 
 # ---------------------------------------------------------------------------------------------------- the group
 
@@ -123,20 +124,15 @@ def curriculum_lengths(curriculum: str | Sequence[int] | None, train_length: int
     return lengths
 
 
-def lr_at(step: int, steps: int, lr: float, schedule: str, warmup: int) -> float:
-    """Learning rate at `step` for `schedule` in {"constant", "cosine", "onecycle"} (linear warm-up first)."""
+def s3_schedule(schedule: str, steps: int, warmup: int) -> Schedule:
+    """The learning-rate `Schedule` named `schedule`: "constant" or "cosine" (to 5%) after a linear warm-up over
+    `warmup` steps, or "onecycle" (from 10% up to the peak at 30% of the steps, then cosine to 1%)."""
     if schedule == "constant":
-        return lr * min(1.0, (step + 1) / max(1, warmup))
+        return Schedule(steps, warmup, decay="constant")
     if schedule == "cosine":
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return Schedule(steps, warmup, floor=0.05)
     if schedule == "onecycle":
-        peak = max(1, int(0.3 * steps))
-        if step < peak:
-            return lr * (0.1 + 0.9 * step / peak)
-        return lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (step - peak) / max(1, steps - peak))))
+        return Schedule(steps, max(1, int(0.3 * steps)), floor=0.01, warmup_from=0.1)
     raise ValueError(f"train_s3: `schedule`={schedule!r} is not one of 'constant', 'cosine', 'onecycle'")
 
 
@@ -196,6 +192,7 @@ def train_s3(
     lengths = curriculum_lengths(curriculum, train_length)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
+    order, cursor = None, 0
     if dataset_size is not None:
         if dataset_size < batch_size:
             raise ValueError(f"train_s3: `dataset_size`={dataset_size} must be at least batch_size={batch_size}")
@@ -209,18 +206,15 @@ def train_s3(
         betas=(0.9, 0.98),
     )
     history = S3History()
-    stage, recent = 0, []
-    model.train()
+    stage, recent, length = 0, [], lengths[0]
     start = time.perf_counter()
     last = min(steps, stop_after or steps) - 1
-    bar = tqdm(range(last + 1), desc=description, disable=not progress, dynamic_ncols=True, leave=True)
-    for step in bar:
+
+    def step_loss(step: int) -> torch.Tensor:
+        nonlocal stage, length, order, cursor
         if advance_at is None:
             stage = min(len(lengths) - 1, step * len(lengths) // max(1, steps))
         length = lengths[stage]
-        current_lr = lr_at(step, steps, lr, schedule, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = current_lr
         if dataset_size is None:
             input_ids, targets = sample_batch(batch_size, length, generator, device)
         else:
@@ -230,28 +224,26 @@ def train_s3(
             cursor += batch_size
             input_ids, targets = data_inputs[rows, :length], data_targets[rows, :length]
         loss, accuracy = s3_loss(model(input_ids).logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
         recent.append(accuracy.item())
+        return loss
+
+    for done in train_loop(model, optimizer, s3_schedule(schedule, steps, warmup), step_loss, steps=last + 1,
+                           max_grad_norm=grad_clip or None, progress=progress, description=description):
+        step, loss = done.index, done.loss
         out_of_time = max_seconds is not None and time.perf_counter() - start > max_seconds
         if (step + 1) % log_every == 0 or step == last or out_of_time:
             mean_acc = sum(recent) / len(recent)
             history.steps.append(step + 1)
             history.lengths.append(length)
-            history.lrs.append(current_lr)
+            history.lrs.append(done.lr)
             history.losses.append(loss.item())
             history.accuracies.append(mean_acc)
-            bar.set_postfix(len=length, loss=f"{loss.item():.3f}", acc=f"{mean_acc:.3f}")
+            done.show(len=length, loss=f"{loss.item():.3f}", acc=f"{mean_acc:.3f}")
             if advance_at is not None and mean_acc >= advance_at and stage < len(lengths) - 1:
                 stage += 1
-            recent = []
+            recent.clear()
         if out_of_time:
             break
-    bar.close()
-    model.eval()
     history.seconds = time.perf_counter() - start
     return history
 
@@ -420,23 +412,26 @@ def save_results(results_by_model: Mapping[str, Mapping[int, Mapping[str, float]
     return path
 
 
-# ---------------------------------------------------------------------------------------------------- oracle
+def write_evaluation(
+    folder: Path, model_name: str, lengths: Sequence[int], *, num_samples: int = 256, seed: int = 1234,
+    batch_size: int = 64, train_length: int | None = None, progress: bool = True, device: str | None = None,
+    dtype: str | None = None, trust_remote_code: bool = False,
+) -> str:
+    """`m2rnn eval s3`: load the model, measure it at each length and write results.json, results.md and the
+    accuracy plot into `folder`; returns the markdown table."""
+    from .common import announce, environment, load_model, write_results
 
-
-class OracleS3(torch.nn.Module):
-    """A module whose logits put all mass on the true running product: evaluation's 100% reference (tests)."""
-
-    def __init__(self, vocab_size: int = NUM_ELEMENTS) -> None:
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, input_ids: torch.Tensor):
-        products = running_products(input_ids)
-        logits = F.one_hot(products, self.vocab_size).float() * 10.0 + self.dummy
-        return _Output(logits)
-
-
-@dataclass
-class _Output:
-    logits: torch.Tensor
+    model = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokens = num_samples * sum(lengths)
+    announce("s3", f"{len(lengths)} lengths ({lengths[0]}…{lengths[-1]}) × {num_samples} sequences = "
+             f"{tokens / 1e6:.2f}M tokens on {next(model.parameters()).device.type}")
+    results = evaluate_s3(model, lengths, num_samples=num_samples, seed=seed, batch_size=batch_size,
+                          progress=progress)
+    name = Path(model_name).name or model_name
+    by_model = {name: results}
+    markdown = f"# S3 state tracking: {model_name}\n\n" + results_table(by_model, train_length)
+    plot_s3(by_model, folder / "s3_accuracy.png", train_length=train_length)
+    payload = {"results": {name: {str(n): r for n, r in results.items()}}, "model": model_name,
+               "num_samples": num_samples, "seed": seed, "train_length": train_length, **environment()}
+    write_results(folder, payload, markdown + "\n\n![accuracy](s3_accuracy.png)\n")
+    return markdown

@@ -1,6 +1,6 @@
 """RULER-style needle-in-a-haystack: synthetic needles in generated haystacks, scored by context length × depth.
 
-Tasks (named after RULER's; the M2RNN paper reports the mean of these 6 by context length, m2rnn-reference §6.4):
+Tasks (named after RULER's; the M2RNN paper reports the mean of these 6 by context length, arXiv 2603.14360):
 
 | task | haystack | needles | asked |
 |---|---|---|---|
@@ -238,7 +238,7 @@ def check_lengths(tokenizer: Any, tasks: Sequence[str], lengths: Sequence[int], 
 def plan(model: Any, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float], samples: int,
          where: str) -> str:
     """What a run will do (prompts, tokens) and a rough time estimate from timing the model once."""
-    from ..utils import format_duration
+    from ..options import format_duration
     from .common import seconds_per_token
 
     per_cell = len(depths) * samples
@@ -379,3 +379,30 @@ def plot_heatmap(results: dict[str, Any], path: str | Path, title: str = "Needle
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def write_evaluation(
+    folder: Path, model_name: str, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float],
+    samples: int, *, tokenizer: str | None = None, where: str = "cpu", batch_size: int = 1, seed: int = 0,
+    progress: bool = True, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
+) -> str:
+    """`m2rnn eval niah`: check the lengths with the tokenizer (before the weights are loaded), load the model, run
+    every (task, length, depth) cell and write results.json, results.md and the heatmap into `folder`; returns the
+    markdown table."""
+    from .common import HFGenerator, announce, environment, load_checked_tokenizer, load_model, write_results
+    from .distributed import data_parallel, global_batch_size
+
+    loaded_tokenizer = load_checked_tokenizer(model_name, tokenizer, trust_remote_code)
+    check_lengths(loaded_tokenizer, tasks, lengths, seed=seed)
+    model = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    announce("niah", plan(model, tasks, lengths, depths, samples, where=where))
+    results = run_niah(
+        data_parallel(HFGenerator(model, loaded_tokenizer), batch_size), loaded_tokenizer, tasks=tasks,
+        lengths=lengths, depths=depths, samples=samples, batch_size=global_batch_size(batch_size), seed=seed,
+        progress=progress,
+    )
+    results.update(model=model_name, **environment())
+    markdown = results_markdown(results, f"Needle in a haystack: {model_name}")
+    plot_heatmap(results, folder / "niah_heatmap.png", f"Needle in a haystack: {Path(model_name).name}")
+    write_results(folder, results, markdown + "\n![heatmap](niah_heatmap.png)\n")
+    return markdown

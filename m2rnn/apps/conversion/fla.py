@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..configuration_m2rnn import M2RNNConfig
+from m2rnn.configuration_m2rnn import M2RNNConfig
 from .common import ImportPlan, TensorSpec, concat, copy, require
 from .io import CheckpointReader, ConversionError
 

@@ -12,7 +12,7 @@ and post-norm blocks (→ `attention_block_norm="post"`): `h = x + post_attentio
 `feedforward_layer_norm`) becomes our `input_layernorm`, and `post_feedforward_layernorm` our
 `post_attention_layernorm`. All norms are plain `x̂·w`. `head_dim = hidden_size / num_attention_heads`.
 
-RoPE pitfall (gdn-checkpoint-formats.md §2(e)): a missing or null `rope_parameters` still means RoPE with
+RoPE pitfall (docs/checkpoint-formats.md): a missing or null `rope_parameters` still means RoPE with
 theta 10000; only an explicit null `rope_theta` means NoPE. The transformers config object is read, so we see
 exactly what transformers runs.
 """
@@ -22,8 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..configuration_m2rnn import M2RNNConfig
-from .common import ImportPlan, TensorSpec, concat, copy, default_rope, expected_tensors, require
+from m2rnn.configuration_m2rnn import M2RNNConfig
+from m2rnn.meta import expected_tensors
+
+from .common import ImportPlan, TensorSpec, concat, copy, default_rope, require
 from .io import CheckpointReader
 from .qwen3_5 import load_reference, tied_embeddings
 

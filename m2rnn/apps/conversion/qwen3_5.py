@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..configuration_m2rnn import M2RNNConfig
+from m2rnn.configuration_m2rnn import M2RNNConfig
 from .common import ImportPlan, TensorSpec, copy, default_rope, moe_expert_specs, require
 from .io import CheckpointReader
 
@@ -97,7 +97,7 @@ def renaming_plan(
 ) -> dict[str, TensorSpec]:
     """One copy per output tensor, renamed Qwen-style (mixer → linear_attn/self_attn, model. → `prefix`),
     per-expert MoE tensors from either on-disk layout, then `overrides` (e.g. regrouped projections)."""
-    from .common import expected_tensors
+    from m2rnn.meta import expected_tensors
 
     specs: dict[str, TensorSpec] = {}
     for name in expected_tensors(config):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..utils import parse_dtype
+from ..options import parse_dtype
 
 # (prompts, max_new_tokens, stop_at_newline) -> completions: what the LongBench and NIAH runners call.
 GenerateFn = Callable[[Sequence[str], int, bool], list[str]]
@@ -51,16 +51,6 @@ def resolve_device(device: str | None) -> torch.device:
     elif resolved.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device!r}: MPS is not available here; use --device cpu")
     return resolved
-
-
-def resolve_dtype(dtype: str | None) -> torch.dtype | str:
-    """`"auto"`/None -> "auto" (the checkpoint's dtype); else `m2rnn.utils.parse_dtype`'s spellings."""
-    if dtype is None or str(dtype).strip().lower() == "auto":
-        return "auto"
-    try:
-        return parse_dtype(dtype)
-    except ValueError as error:
-        raise ValueError(f"--dtype: {error}, or auto") from None
 
 
 def is_local_model(name_or_path: str, what: str = "model") -> bool:
@@ -133,7 +123,7 @@ def load_model(model: str, *, device: str | None = None, dtype: str | None = "au
     import m2rnn  # noqa: F401
     from transformers import AutoModelForCausalLM
 
-    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    torch_dtype, torch_device = parse_dtype(dtype, "--dtype", auto=True), resolve_device(device)
     local = is_local_model(model)
     with hub_access(needed=not local, what=f"the model {model!r}", hint="pass a local model folder"):
         loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -352,47 +342,6 @@ class HFGenerator:
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
-# ---------------------------------------------------------------------------------------------------- options
-
-
-def parse_int_list(text: str, option: str, high: int | None = None) -> list[int]:
-    """`"1024,2048,4K"` -> [1024, 2048, 4096], each at most `high` when given; the error names `option`."""
-    values = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        scale = 1024 if item[-1] in "kK" else 1
-        try:
-            value = int(item[:-1] if scale > 1 else item) * scale
-        except ValueError:
-            raise ValueError(f"{option}: {item!r} is not an integer (expected e.g. 1024,2048 or 1K,2K)") from None
-        if value <= 0:
-            raise ValueError(f"{option}: {item!r} must be positive")
-        if high is not None and value > high:
-            raise ValueError(f"{option}: {item!r} is more than the {high} allowed")
-        values.append(value)
-    if not values:
-        raise ValueError(f"{option}: empty list")
-    return values
-
-
-def parse_float_list(text: str, option: str, low: float = 0.0, high: float = 1.0) -> list[float]:
-    """`"0,0.5,1"` -> [0.0, 0.5, 1.0], each within [low, high]; the error names `option`."""
-    values = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        try:
-            value = float(item)
-        except ValueError:
-            raise ValueError(f"{option}: {item!r} is not a number") from None
-        if not low <= value <= high:
-            raise ValueError(f"{option}: {value} is outside [{low}, {high}]")
-        values.append(value)
-    if not values:
-        raise ValueError(f"{option}: empty list")
-    return values
-
-
 # ---------------------------------------------------------------------------------------------------- outputs
 
 
@@ -425,10 +374,3 @@ def environment() -> dict[str, str]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
-
-
-def byte_level_tokenizer() -> Any:
-    """`m2rnn.tokenization.byte_level_tokenizer` padded on the left, as batched generation needs (smoke tests)."""
-    from ..tokenization import byte_level_tokenizer as build
-
-    return build(padding_side="left")

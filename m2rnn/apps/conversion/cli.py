@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import TYPE_CHECKING
 
-from ..utils import DTYPE_NAMES, parse_dtype
-
-if TYPE_CHECKING:
-    import torch
+from ..options import DTYPE_NAMES, argument, parse_dtype, parse_int_list
 
 
 def add_convert_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -28,12 +24,13 @@ def add_convert_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--source-id", default=None, metavar="REPO_ID",
                    help="the Hub repo id SRC was downloaded from, recorded as the source in the config and model card "
                    "(default: the repo id of a Hugging Face cache snapshot, else SRC as given)")
-    p.add_argument("--swap-layers", type=_layers, default=None, metavar="I,J,...",
+    p.add_argument("--swap-layers", type=argument(parse_int_list, None, low=None, what="layer indices", example="0,11"),
+                   default=None, metavar="I,J,...",
                    help="comma-separated GDN layer indices to replace by M2RNN, e.g. 0,11 (default: none)")
     p.add_argument("--init", choices=("fresh", "transplant"), default="fresh",
                    help="init of swapped layers: the paper's (fresh) or reusing the GDN layer's weights (transplant) "
                    "(default: %(default)s)")
-    p.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE",
+    p.add_argument("--dtype", type=argument(parse_dtype), default=None, metavar="DTYPE",
                    help=f"output weight dtype, one of {', '.join(DTYPE_NAMES)} (default: the source's)")
     p.add_argument("--verify", action="store_true",
                    help="compare logits of the source (its own library) and the conversion before any swap "
@@ -45,21 +42,6 @@ def add_convert_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of fresh M2RNN layers (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide every progress bar (default: shown)")
     p.set_defaults(func=run_convert)
-
-
-def _layers(text: str) -> list[int] | None:
-    try:
-        layers = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated layer indices, e.g. 0,11") from None
-    return layers or None
-
-
-def _dtype(text: str) -> torch.dtype:
-    try:
-        return parse_dtype(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _shard_size(text: str) -> float:

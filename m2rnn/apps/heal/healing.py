@@ -32,20 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling_m2rnn import M2RNNForCausalLM, M2RNNMixer
-from ..utils import format_duration
+from m2rnn.modeling_m2rnn import M2RNNForCausalLM, M2RNNMixer
+from m2rnn.training import default_lora_targets
+from ..options import format_duration
+from ..training_loop import Schedule, train_loop
 from .data import HealError, TextBlocks, batches, eval_batches
 
 STAGE2_MODES = ("lora", "full", "none")
 NEW_LAYER_MODES = ("full", "lora")
-# Linear layers that get LoRA adapters in stage 2, by name: attention, MLP (and MoE experts), Gated DeltaNet, M2RNN.
-# The GDN gate projections in_proj_a / in_proj_b (one output per head) are left frozen.
-DEFAULT_LORA_TARGETS = (
-    "q_proj", "k_proj", "v_proj", "o_proj",
-    "gate_proj", "up_proj", "down_proj",
-    "in_proj_qkv", "in_proj_z", "out_proj",
-    "in_proj",
-)
+# Linear layers that get LoRA adapters in stage 2, by name: every mixer's main projections and the MLP's (MoE
+# experts included); the GDN gate projections in_proj_a / in_proj_b (one output per head) stay frozen.
+DEFAULT_LORA_TARGETS = tuple(default_lora_targets(mlp=True))
 
 
 # Defaults of what makes a run long, by device: a CPU run of a tiny model finishes in minutes on 2 cores; a GPU
@@ -361,19 +358,6 @@ def mean_layer_mse(measures: dict[str, Any]) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # Training loop shared by both stages
 # ---------------------------------------------------------------------------------------------------------------
-def _schedule(steps: int, warmup_fraction: float) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
-    warmup = max(1, round(warmup_fraction * steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
 def _run_stage(
     log: StageLog,
     model: nn.Module,
@@ -384,35 +368,25 @@ def _run_stage(
     lr: float,
     settings: HealSettings,
 ) -> StageLog:
-    """AdamW on the model's trainable parameters for `steps` batches, with a tqdm bar and periodic held-out loss."""
-    from tqdm.auto import tqdm
-
+    """AdamW on the model's trainable parameters for `steps` batches (`train_loop`: linear warm-up over
+    `warmup_fraction` of the steps, then cosine decay to 10% of `lr`), with periodic held-out loss."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     log.trainable_parameters = sum(p.numel() for p in parameters)
     if not parameters:
         raise HealError(f"{log.name}: nothing to train")
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps, settings.warmup_fraction))
+    schedule = Schedule(steps, warmup=max(1, round(settings.warmup_fraction * steps)), floor=0.1)
     generator = torch.Generator().manual_seed(settings.seed)
     stream = batches(train_blocks, settings.batch_size, generator)
     start = time.perf_counter()
     log.eval.append((0, held_out_loss()))
-    bar = tqdm(range(1, steps + 1), desc=log.name, disable=not settings.progress, dynamic_ncols=True)
-    for step in bar:
-        model.train()
-        loss = step_loss(next(stream))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if settings.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        log.train.append((step, loss.item()))
+    for done in train_loop(model, optimizer, schedule, lambda step: step_loss(next(stream)),
+                           max_grad_norm=settings.max_grad_norm, progress=settings.progress, description=log.name):
+        step = done.index + 1
+        log.train.append((step, done.loss.item()))
         if step % settings.eval_every == 0 or step == steps:
             log.eval.append((step, held_out_loss()))
-        bar.set_postfix({"train": f"{log.train[-1][1]:.4g}", "eval": f"{log.eval[-1][1]:.4g}"})
-    bar.close()
-    model.eval()
+        done.show(train=f"{log.train[-1][1]:.4g}", eval=f"{log.eval[-1][1]:.4g}")
     log.seconds = time.perf_counter() - start
     return log
 

@@ -1,7 +1,7 @@
 """Replace Gated DeltaNet layers by M2RNN layers, in a config, a loaded model, or an import plan (streaming).
 
 `init="fresh"`: the paper's init for the new layer (N(0, 0.02) projections, out_proj scaled by 1/√(2L),
-A ~ U(A_init_range), dt ~ logU(dt_min, dt_max), W = I, D = 1, norm weight 1).
+A ~ U(A_init_range), dt ~ logU(dt_min, dt_max), W = I, D = 1, norm weight 1; docs/m2rnn-layer.md).
 
 `init="transplant"`: the M2RNN layer gets the GDN layer's shape (q, k heads = GDN key heads of size DK; v, forget,
 weight and gate heads = GDN value heads of size DV; same conv kernel) and reuses what maps:
@@ -30,9 +30,11 @@ from typing import Any
 
 import torch
 
-from ..configuration_m2rnn import M2RNNConfig
-from ..modeling_m2rnn import M2RNNForCausalLM, M2RNNMixer, M2RNNModel, M2RNNPreTrainedModel
-from .common import Getter, ImportPlan, TensorSpec, expected_tensors
+from m2rnn.configuration_m2rnn import M2RNNConfig
+from m2rnn.modeling_m2rnn import M2RNNForCausalLM, M2RNNMixer, M2RNNModel, M2RNNPreTrainedModel
+from m2rnn.meta import expected_tensors
+
+from .common import Getter, ImportPlan, TensorSpec
 from .io import ConversionError
 
 INITS = ("fresh", "transplant")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .configuration_m2rnn import M2RNNConfig
-from .modeling_m2rnn import M2RNNForCausalLM
-from .utils import staged_output
+from ..configuration_m2rnn import M2RNNConfig
+from ..modeling_m2rnn import M2RNNForCausalLM
+from .output import staged_output
 
 SHARDED_MODEL_FOLDER = "pytorch_model_fsdp_0"  # accelerate's name for the first model's sharded state
 SHARDED_MODEL_KEY = "model"  # accelerate saves {"model": state_dict}

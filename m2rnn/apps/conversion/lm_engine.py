@@ -1,6 +1,6 @@
 """lm-engine `gpt_base` with `gated_deltanet` and `softmax_attention` sequence-mixer blocks (native checkpoints).
 
-Read from config.json and the safetensors directly. Mapping (gdn-checkpoint-formats.md §2(g), §3):
+Read from config.json and the safetensors directly. Mapping (docs/checkpoint-formats.md):
 - `transformer.wte` → `model.embed_tokens`, `transformer.ln_f` → `model.norm`, `transformer.h.{i}.ln_1`/`ln_2` →
   `input_layernorm`/`post_attention_layernorm` (plain w, eps `layer_norm_epsilon`);
 - MLP `c_fc [2I, H]` holds gate and up rows interleaved (even rows gate, odd rows up) → `gate_proj`, `up_proj`;
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..configuration_m2rnn import M2RNNConfig
+from m2rnn.configuration_m2rnn import M2RNNConfig
 from .common import ImportPlan, TensorSpec, copy, derived, require
 from .io import CheckpointReader, ConversionError
 

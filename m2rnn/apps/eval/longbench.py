@@ -1,6 +1,6 @@
 """LongBench v1 with the original protocol: official prompts, middle truncation, per-task lengths and metrics.
 
-Protocol (hf-ecosystem.md §6.4): the formatted prompt is tokenized; if it is longer than the budget
+Protocol (as LongBench's own prediction script): the formatted prompt is tokenized; if it is longer than the budget
 `max_length`, its first `max_length // 2` and last `max_length // 2` tokens are kept (instructions sit at both
 ends). Decoding is greedy with the task's `max_new_tokens`; samsum also stops at a newline. For trec, triviaqa,
 samsum and lsht the prediction is cut to its first line. Each example scores the max over its references; a
@@ -258,14 +258,14 @@ def keep_head_and_tail(ids: Sequence[int], max_length: int) -> list[int]:
 
 
 def truncate_middle(prompt: str, tokenizer: Any, max_length: int) -> str:
-    """The prompt cut in the middle to `max_length` tokens (special tokens not counted), as text."""
+    """The prompt cut in the middle to `max_length` tokens (special tokens not counted; `keep_head_and_tail`), as
+    text: the head and the tail are decoded separately, as LongBench's reference code does."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if len(ids) <= max_length:
         return prompt
-    half = max_length // 2
-    head = tokenizer.decode(ids[:half], skip_special_tokens=True)
-    tail = tokenizer.decode(ids[len(ids) - half:], skip_special_tokens=True)
-    return head + tail
+    kept = keep_head_and_tail(ids, max_length)
+    half = len(kept) // 2
+    return tokenizer.decode(kept[:half], skip_special_tokens=True) + tokenizer.decode(kept[half:], skip_special_tokens=True)
 
 
 def build_prompt(task: str, example: dict, tokenizer: Any, max_length: int, chat_template: bool = False) -> str:
@@ -341,7 +341,7 @@ def plan(model: Any, tokenizer: Any, data: dict[str, list[dict]], max_length: in
 
     Prompt tokens are estimated from each task's first example (characters per token), capped at `max_length`.
     """
-    from ..utils import format_duration
+    from ..options import format_duration
     from .common import seconds_per_token
 
     prompt_tokens = new_tokens = 0
@@ -378,3 +378,44 @@ def write_predictions(folder: Path, predictions: dict[str, list[dict]]) -> None:
     for task, rows in predictions.items():
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         (target / f"{task}.jsonl").write_text(text, encoding="utf-8")
+
+
+def write_evaluation(
+    folder: Path, model_name: str, tasks: Sequence[str], *, tokenizer: str | None = None,
+    data_dir: str | None = None, limit: int | None = None, max_length: int | None = None, batch_size: int = 1,
+    chat_template: bool = False, progress: bool = True, offline_hint: str = "", device: str | None = None,
+    dtype: str | None = None, trust_remote_code: bool = False,
+) -> str:
+    """`m2rnn eval longbench`: load the data (before the weights), the model and its tokenizer, run `tasks` with a
+    prompt budget of `max_length` tokens (default: the model's context window minus 500), and write predictions,
+    results.json and results.md into `folder`; returns the markdown table."""
+    from .common import (
+        HFGenerator,
+        announce,
+        context_window,
+        environment,
+        hub_access,
+        load_model_and_tokenizer,
+        write_results,
+    )
+    from .distributed import data_parallel, global_batch_size
+
+    with hub_access(needed=data_dir is None, what="THUDM/LongBench's data.zip", hint=offline_hint):
+        data = {task: load_examples(task, data_dir, limit) for task in tasks}
+    model, loaded_tokenizer = load_model_and_tokenizer(model_name, tokenizer=tokenizer, device=device, dtype=dtype,
+                                                       trust_remote_code=trust_remote_code)
+    if max_length is None:
+        window = context_window(model)
+        if window is None or window <= 500:
+            raise ValueError(f"--max-length: the model declares no usable context window ({window}); pass one")
+        max_length = window - 500
+    announce("longbench", plan(model, loaded_tokenizer, data, max_length, next(model.parameters()).device.type))
+    results = run_longbench(
+        data_parallel(HFGenerator(model, loaded_tokenizer), batch_size), loaded_tokenizer, tasks, max_length=max_length,
+        data=data, batch_size=global_batch_size(batch_size), chat_template=chat_template, progress=progress,
+    )
+    write_predictions(folder, results.pop("predictions"))
+    results.update(model=model_name, **environment())
+    markdown = results_markdown(results, f"LongBench v1: {model_name}")
+    write_results(folder, results, markdown)
+    return markdown

@@ -102,7 +102,7 @@ MAX_NEW_TOKENS: dict[str, int] = {
     "lcc": 64, "repobench-p": 64,
 }
 
-# metric name per task (`dataset2metric`); the functions live in `m2rnn.eval.longbench.METRICS`.
+# metric name per task (`dataset2metric`); the functions live in `m2rnn.apps.eval.longbench.METRICS`.
 METRIC_NAMES: dict[str, str] = {
     "narrativeqa": "qa_f1", "qasper": "qa_f1", "multifieldqa_en": "qa_f1", "multifieldqa_zh": "qa_f1_zh",
     "hotpotqa": "qa_f1", "2wikimqa": "qa_f1", "musique": "qa_f1", "dureader": "rouge_zh",
@@ -125,7 +125,7 @@ ALL_TASKS: tuple[str, ...] = tuple(task for tasks in CATEGORIES.values() for tas
 CHINESE_TASKS: frozenset[str] = frozenset({"multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh"})
 ENGLISH_TASKS: tuple[str, ...] = tuple(t for t in ALL_TASKS if t not in CHINESE_TASKS and t not in ("lcc", "repobench-p"))
 
-# The 8 tasks the M2RNN paper reports (m2rnn-reference.md §6.3): the default set.
+# The 8 tasks the M2RNN paper reports (arXiv 2603.14360): the default set.
 PAPER_TASKS: tuple[str, ...] = (
     "gov_report", "qmsum", "multi_news", "trec", "triviaqa", "samsum", "lcc", "repobench-p",
 )

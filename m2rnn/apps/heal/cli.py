@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from ..options import parse_int_list
 from .data import HealError, TextSource
 from .healing import DEFAULT_LORA_TARGETS, DEVICE_DEFAULTS, NEW_LAYER_MODES, STAGE2_MODES, HealSettings, device_kind
 
@@ -94,13 +95,8 @@ def add_heal_command(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_heal)
 
 
-def _int_list(text: str | None, option: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise HealError(f"{option}={text!r} must be comma-separated integers") from error
+def _layers(text: str | None, option: str) -> list[int] | None:
+    return None if text is None else parse_int_list(text, option, low=None, what="layer indices", example="1,3")
 
 
 def _device(name: str | None) -> torch.device:
@@ -129,7 +125,7 @@ def run_heal(args: argparse.Namespace) -> int:
             raise HealError("--layers goes with --student; with --swap-layers the swapped layers are healed")
         device = _device(args.device)
         settings = HealSettings.for_device(
-            device, layers=_int_list(args.layers, "--layers"), batch_size=args.batch_size,
+            device, layers=_layers(args.layers, "--layers"), batch_size=args.batch_size,
             stage1_steps=args.stage1_steps, stage1_lr=args.stage1_lr,
             stage2=args.stage2, stage2_steps=args.stage2_steps, stage2_lr=args.stage2_lr,
             temperature=args.temperature, ce_weight=args.ce_weight,
@@ -144,7 +140,7 @@ def run_heal(args: argparse.Namespace) -> int:
         )
         result = heal_checkpoint(
             args.teacher, args.output, text, student=args.student,
-            swap_layers=_int_list(args.swap_layers, "--swap-layers"), init=args.init, tokenizer=args.tokenizer,
+            swap_layers=_layers(args.swap_layers, "--swap-layers"), init=args.init, tokenizer=args.tokenizer,
             settings=settings, block_size=DEVICE_DEFAULTS[device_kind(device)]["block_size"] if args.block_size is None else args.block_size,
             eval_fraction=args.eval_fraction, dtype=args.dtype, device=str(device), overwrite=args.overwrite,
         )

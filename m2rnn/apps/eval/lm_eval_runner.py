@@ -12,9 +12,11 @@ Plain lm-eval works too when the checkpoint carries `auto_map` (code on the Hub)
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .common import announce, environment, hub_access, load_checked_tokenizer, resolve_device, resolve_dtype
+from ..options import parse_dtype
+from .common import announce, environment, hub_access, load_checked_tokenizer, resolve_device
 
 
 def _require_lm_eval() -> Any:
@@ -81,7 +83,7 @@ def run_lm_eval(
                  f"{resolve_device(device).type}")
         lm = HFLM(
             pretrained=model, tokenizer=loaded_tokenizer, backend="causal", batch_size=batch_size,
-            device=str(resolve_device(device)), dtype=resolve_dtype(dtype), max_length=max_length,
+            device=str(resolve_device(device)), dtype=parse_dtype(dtype, "--dtype", auto=True), max_length=max_length,
             trust_remote_code=trust_remote_code,
         )
         results = lm_eval.simple_evaluate(
@@ -123,3 +125,16 @@ def results_markdown(results: dict[str, Any], title: str = "lm-eval") -> str:
     if results.get("groups"):
         text += "\n" + make_table(results, "groups")
     return text
+
+
+def write_evaluation(folder: Path, model: str, tasks: str | Sequence[str], **kwargs: Any) -> str:
+    """`m2rnn eval lm-eval`: `run_lm_eval(model, tasks, **kwargs)`, its results written into `folder`
+    (results.json, results.md); returns the markdown table."""
+    from .common import write_results
+
+    results = run_lm_eval(model, tasks, **kwargs)
+    if not results:  # a process other than rank 0 under a launcher: lm-eval gathers on rank 0
+        return ""
+    markdown = results_markdown(results)
+    write_results(folder, results, markdown)
+    return markdown

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..configuration_m2rnn import M2RNNConfig
+from m2rnn.configuration_m2rnn import M2RNNConfig
 from .common import ImportPlan, TensorSpec, derived
 from .io import CheckpointReader
 from .qwen3_5 import load_reference, load_text_config, qwen_base_config, qwen_ignored, renaming_plan, tied_embeddings

@@ -1,7 +1,7 @@
 """`m2rnn eval {lm-eval,longbench,niah,s3} MODEL --output-dir DIR [...]`: the evaluation command group.
 
 Every command writes `results.json` and `results.md` (plus its plots and predictions) into a temporary folder
-that becomes `--output-dir` only when the run succeeds (`m2rnn.utils.staged_output`: an existing folder is
+that becomes `--output-dir` only when the run succeeds (`m2rnn.apps.output.staged_output`: an existing folder is
 replaced only with `--overwrite` and only when m2rnn wrote it, never an input or a folder holding one). Options
 are checked before anything is loaded; downloads get one quick try (see `common.hub_access`).
 """
@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from .common import parse_float_list, parse_int_list
+from ..options import parse_dtype, parse_float_list, parse_int_list
 
 DEFAULT_S3_LENGTHS = "4,8,16,32,64,128,256,512"
 NIAH_DEFAULTS = {  # (lengths, depths, samples per cell): a few minutes for a tiny model on a 2-core CPU
@@ -189,10 +189,10 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def _check_model_options(args: argparse.Namespace) -> None:
     """Device, dtype and the model (and tokenizer) path, checked before anything is loaded or written."""
-    from .common import is_local_model, resolve_device, resolve_dtype
+    from .common import is_local_model, resolve_device
 
     resolve_device(args.device)
-    resolve_dtype(args.dtype)
+    parse_dtype(args.dtype, "--dtype", auto=True)
     is_local_model(args.model)
     if getattr(args, "tokenizer", None):
         is_local_model(args.tokenizer, "--tokenizer")
@@ -200,8 +200,8 @@ def _check_model_options(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace, inputs: list[str | None], body: Callable[[Path], str]) -> int:
     """Run `body(folder)` in a staged --output-dir (every bar silenced with --no-progress); print the summary."""
-    from ..utils import check_output, staged_output
-    from ..utils import progress_bars
+    from ..options import progress_bars
+    from ..output import check_output, staged_output
     from .distributed import init_data_parallel, run_on_every_rank
 
     _check_model_options(args)
@@ -218,85 +218,41 @@ def _run(args: argparse.Namespace, inputs: list[str | None], body: Callable[[Pat
     return 0
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .common import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-                                    trust_remote_code=args.trust_remote_code)
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 
 
 def _run_lm_eval(args: argparse.Namespace) -> int:
-    from .common import write_results
-    from .lm_eval_runner import parse_tasks, results_markdown, run_lm_eval
+    from .lm_eval_runner import parse_tasks, write_evaluation
 
     parse_tasks(args.tasks)
     _check_paths(include_path=args.include_path)
-
-    def body(folder: Path) -> str:
-        results = run_lm_eval(
-            args.model, args.tasks, tokenizer=args.tokenizer, batch_size=args.batch_size, limit=args.limit,
-            num_fewshot=args.num_fewshot, include_path=args.include_path, device=args.device, dtype=args.dtype,
-            max_length=args.max_length, trust_remote_code=args.trust_remote_code,
-            apply_chat_template=args.apply_chat_template, log_samples=args.log_samples, seed=args.seed,
-            offline_hint=OFFLINE_LM_EVAL,
-        )
-        if not results:  # a process other than rank 0 under a launcher: lm-eval gathers on rank 0
-            return ""
-        markdown = results_markdown(results)
-        write_results(folder, results, markdown)
-        return markdown
-
-    return _run(args, [args.include_path], body)
+    return _run(args, [args.include_path], lambda folder: write_evaluation(
+        folder, args.model, args.tasks, tokenizer=args.tokenizer, batch_size=args.batch_size, limit=args.limit,
+        num_fewshot=args.num_fewshot, include_path=args.include_path, max_length=args.max_length,
+        apply_chat_template=args.apply_chat_template, log_samples=args.log_samples, seed=args.seed,
+        offline_hint=OFFLINE_LM_EVAL, **_model_options(args),
+    ))
 
 
 def _run_longbench(args: argparse.Namespace) -> int:
-    from .common import HFGenerator, announce, context_window, environment, hub_access, write_results
-    from .distributed import data_parallel, global_batch_size
-    from .longbench import load_examples, plan, resolve_tasks, results_markdown, run_longbench, write_predictions
+    from .longbench import resolve_tasks, write_evaluation
 
     tasks = resolve_tasks(args.tasks)
     limit = args.limit
     if limit is not None and not isinstance(limit, int):
         raise ValueError(f"--limit {limit}: `m2rnn eval longbench` takes a whole number of examples per task")
     _check_paths(data_dir=args.data_dir)
-
-    def body(folder: Path) -> str:
-        with hub_access(needed=args.data_dir is None, what="THUDM/LongBench's data.zip", hint=OFFLINE_LONGBENCH):
-            data = {task: load_examples(task, args.data_dir, limit) for task in tasks}
-        model, tokenizer = _load(args)
-        max_length = args.max_length
-        if max_length is None:
-            window = context_window(model)
-            if window is None or window <= 500:
-                raise ValueError(f"--max-length: the model declares no usable context window ({window}); pass one")
-            max_length = window - 500
-        announce("longbench", plan(model, tokenizer, data, max_length, next(model.parameters()).device.type))
-        results = run_longbench(
-            data_parallel(HFGenerator(model, tokenizer), args.batch_size), tokenizer, tasks, max_length=max_length,
-            data=data, batch_size=global_batch_size(args.batch_size), chat_template=args.chat_template,
-            progress=not args.no_progress,
-        )
-        write_predictions(folder, results.pop("predictions"))
-        results.update(model=args.model, **environment())
-        markdown = results_markdown(results, f"LongBench v1: {args.model}")
-        write_results(folder, results, markdown)
-        return markdown
-
-    return _run(args, [args.data_dir], body)
+    return _run(args, [args.data_dir], lambda folder: write_evaluation(
+        folder, args.model, tasks, tokenizer=args.tokenizer, data_dir=args.data_dir, limit=limit,
+        max_length=args.max_length, batch_size=args.batch_size, chat_template=args.chat_template,
+        progress=not args.no_progress, offline_hint=OFFLINE_LONGBENCH, **_model_options(args),
+    ))
 
 
 def _run_niah(args: argparse.Namespace) -> int:
     from . import niah
-    from .distributed import data_parallel, global_batch_size
-    from .common import (
-        HFGenerator,
-        announce,
-        environment,
-        load_checked_tokenizer,
-        load_model,
-        resolve_device,
-        write_results,
-    )
+    from .common import resolve_device
 
     tasks = list(niah.TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in niah.TASKS]
@@ -307,48 +263,18 @@ def _run_niah(args: argparse.Namespace) -> int:
     lengths = parse_int_list(args.lengths or default_lengths, "--lengths", high=MAX_LENGTH_TOKENS)
     depths = parse_float_list(args.depths or default_depths, "--depths")
     samples = _samples(args, default_samples)
-
-    def body(folder: Path) -> str:
-        tokenizer = load_checked_tokenizer(args.model, args.tokenizer, args.trust_remote_code)
-        niah.check_lengths(tokenizer, tasks, lengths, seed=args.seed)  # before the weights are loaded
-        model = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-        announce("niah", niah.plan(model, tasks, lengths, depths, samples, where=where))
-        results = niah.run_niah(
-            data_parallel(HFGenerator(model, tokenizer), args.batch_size), tokenizer, tasks=tasks, lengths=lengths,
-            depths=depths, samples=samples, batch_size=global_batch_size(args.batch_size), seed=args.seed,
-            progress=not args.no_progress,
-        )
-        results.update(model=args.model, **environment())
-        markdown = niah.results_markdown(results, f"Needle in a haystack: {args.model}")
-        niah.plot_heatmap(results, folder / "niah_heatmap.png", f"Needle in a haystack: {Path(args.model).name}")
-        write_results(folder, results, markdown + "\n![heatmap](niah_heatmap.png)\n")
-        return markdown
-
-    return _run(args, [], body)
+    return _run(args, [], lambda folder: niah.write_evaluation(
+        folder, args.model, tasks, lengths, depths, samples, tokenizer=args.tokenizer, where=where,
+        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, **_model_options(args),
+    ))
 
 
 def _run_s3(args: argparse.Namespace) -> int:
     from . import s3
-    from .common import announce, environment, load_model, write_results
 
     lengths = parse_int_list(args.lengths, "--lengths", high=MAX_LENGTH_TOKENS)
     num_samples = _samples(args, 256)
-
-    def body(folder: Path) -> str:
-        model = load_model(args.model, device=args.device, dtype=args.dtype,
-                           trust_remote_code=args.trust_remote_code)
-        tokens = num_samples * sum(lengths)
-        announce("s3", f"{len(lengths)} lengths ({lengths[0]}…{lengths[-1]}) × {num_samples} sequences = "
-                 f"{tokens / 1e6:.2f}M tokens on {next(model.parameters()).device.type}")
-        results = s3.evaluate_s3(model, lengths, num_samples=num_samples, seed=args.seed,
-                                 batch_size=args.batch_size, progress=not args.no_progress)
-        name = Path(args.model).name or args.model
-        by_model = {name: results}
-        markdown = f"# S3 state tracking: {args.model}\n\n" + s3.results_table(by_model, args.train_length)
-        s3.plot_s3(by_model, folder / "s3_accuracy.png", train_length=args.train_length)
-        payload = {"results": {name: {str(n): r for n, r in results.items()}}, "model": args.model,
-                   "num_samples": num_samples, "seed": args.seed, "train_length": args.train_length, **environment()}
-        write_results(folder, payload, markdown + "\n\n![accuracy](s3_accuracy.png)\n")
-        return markdown
-
-    return _run(args, [], body)
+    return _run(args, [], lambda folder: s3.write_evaluation(
+        folder, args.model, lengths, num_samples=num_samples, seed=args.seed, batch_size=args.batch_size,
+        train_length=args.train_length, progress=not args.no_progress, **_model_options(args),
+    ))

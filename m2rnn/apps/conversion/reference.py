@@ -2,8 +2,9 @@
 
 transformers binds fla's Triton GDN kernels (and causal-conv1d's) into its Qwen3-Next, Qwen3.5(-MoE) and
 OLMo-hybrid modules at import time when those packages import, with no device check, so they fail on CPU
-(gdn-checkpoint-formats.md §6). `torch_gdn_path()` swaps the module-level functions back to transformers' own
-torch versions (kept by `functools.wraps` as `__wrapped__`) for as long as it is active.
+(docs/checkpoint-formats.md, "Verifying against the source library"). `torch_gdn_path()` swaps the module-level
+functions back to transformers' own torch versions (kept by `functools.wraps` as `__wrapped__`) for as long as it
+is active.
 """
 
 from __future__ import annotations

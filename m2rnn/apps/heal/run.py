@@ -1,6 +1,6 @@
 """Heal checkpoint folders end to end: load teacher and student, tokenize the text, heal, write the output folder.
 
-The output folder (written through `m2rnn.utils.staged_output`: a temporary folder renamed into place, never an
+The output folder (written through `m2rnn.apps.output.staged_output`: a temporary folder renamed into place, never an
 input, replaced only with overwrite and only when m2rnn wrote it) holds the healed model (`save_pretrained`, its
 config's `conversion` recording where it came from and how it was healed), the tokenizer, results.json, results.md
 and loss_curves.png.
@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from ..model_card import hub_repo_id
-from ..modeling_m2rnn import M2RNNForCausalLM
-from ..utils import check_output, parse_dtype, progress_bars, staged_output
+from m2rnn.model_card import hub_repo_id
+from m2rnn.modeling_m2rnn import M2RNNForCausalLM
+from ..options import parse_dtype, progress_bars
+from ..output import check_output, staged_output
 from .data import HealError, TextBlocks, TextSource, check_hub_name, load_text_blocks
 from .healing import HealResult, HealSettings, describe_plan, heal, swapped_layers
 from .report import write_results
@@ -31,13 +32,6 @@ INIT_DESCRIPTIONS = {
     "transplant": "transplanted from the replaced Gated DeltaNet layer (q/k/v, forget gate, conv, norm and out_proj "
     "copied; W = I)",
 }
-
-
-def _dtype(name: str) -> torch.dtype:
-    try:
-        return parse_dtype(name)
-    except ValueError as error:
-        raise HealError(f"--dtype: {error}") from error
 
 
 def _model_type(folder: str | os.PathLike, role: str) -> str | None:
@@ -116,9 +110,9 @@ def heal_checkpoint(
     overwrite: bool = False,
 ) -> HealResult:
     """Heal `student` (a swapped folder) or the teacher with `swap_layers` swapped here (`init` as in
-    `m2rnn.conversion.swap_layers`) against `teacher`, on `text`, and write the healed model to `output`.
+    `m2rnn.apps.conversion.swap_layers`) against `teacher`, on `text`, and write the healed model to `output`.
 
-    `output` follows the project's output rule (`m2rnn.utils.staged_output`): it is checked before any work and
+    `output` follows the project's output rule (`m2rnn.apps.output.staged_output`): it is checked before any work and
     never equals, contains or lies inside the teacher, the student, the text or the tokenizer. What the run will do
     and an estimate of its duration are printed to stderr before training starts."""
     settings = settings or HealSettings()
@@ -130,7 +124,7 @@ def heal_checkpoint(
         )
     inputs = [teacher, student, tokenizer, text.dataset, *text.files]
     check_output(output, inputs, overwrite, option="OUT")  # before loading anything
-    torch_dtype = _dtype(dtype)
+    torch_dtype = parse_dtype(dtype, "--dtype")
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     with progress_bars(settings.progress):
