@@ -76,8 +76,10 @@ def apply_liger_kernel_to_m2rnn(
 def register_with_liger() -> None:
     """Add `m2rnn → apply_liger_kernel_to_m2rnn` to liger-kernel's model-type table (imports liger-kernel), so that
     `Trainer(use_liger_kernel=True)` applies the fused loss to our models."""
-    from liger_kernel.transformers import monkey_patch
-
+    try:
+        from liger_kernel.transformers import monkey_patch
+    except ImportError as error:
+        raise ImportError("register_with_liger: liger-kernel is not installed: pip install liger-kernel") from error
     monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN.setdefault(M2RNNConfig.model_type, apply_liger_kernel_to_m2rnn)
 
 
