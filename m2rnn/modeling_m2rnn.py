@@ -1,8 +1,8 @@
 """M2RNN hybrid models for transformers: M2RNN, Gated DeltaNet and softmax-attention layers in one pre-norm decoder.
 
 Read top to bottom: the MLPs (SwiGLU and mixture of experts), the decoder layer (one mixer and one MLP), the
-pretrained base (initialisation, strict loading, saving), the checks of the model's inputs, then the model and the
-causal LM. The mixers and norms live in `mixers_m2rnn`, the caches in `cache_m2rnn` and the recurrences in
+pretrained base (initialisation, strict loading, saving), then the model and the causal LM. The mixers and norms
+live in `mixers_m2rnn`, the caches in `cache_m2rnn`, the input checks in `inputs_m2rnn` and the recurrences in
 `m2rnn.kernels`.
 """
 
@@ -26,8 +26,15 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .cache_m2rnn import M2RNNCache, M2RNNStaticCache, TokenCounterMixin, cached_length, check_cache
+from .cache_m2rnn import M2RNNCache, M2RNNStaticCache, TokenCounterMixin, check_cache
 from .configuration_m2rnn import M2RNNConfig
+from .inputs_m2rnn import (
+    check_attention_mask,
+    check_inputs,
+    cu_seqlens_from_position_ids,
+    one_cache,
+    position_ids_from_cu_seqlens,
+)
 from .kernels import check_cu_seqlens
 from .losses import fused_linear_cross_entropy, register_with_liger_where_it_runs
 from .mixers_m2rnn import (
@@ -353,67 +360,6 @@ def _some(names: Any, limit: int = 8) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Inputs: packed documents, the cache argument, shapes
-# ---------------------------------------------------------------------------------------------------------------
-def _cu_seqlens_from_position_ids(position_ids: torch.Tensor | None) -> torch.Tensor | None:
-    """Boundaries of packed documents in a (1, T) row whose positions restart at 0 (padding-free batches)."""
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
-        return None
-    starts = torch.nonzero(position_ids[0] == 0).flatten()
-    if starts.numel() <= 1 and (starts.numel() == 0 or starts[0].item() == 0):
-        return None
-    total = torch.tensor([position_ids.shape[1]], device=position_ids.device)
-    if starts[0].item() != 0:
-        starts = torch.cat([starts.new_zeros(1), starts])
-    return torch.cat([starts, total]).to(torch.int32)
-
-
-def _position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """(1, T) positions restarting at 0 at every document start of `cu_seqlens` (padding-free batches)."""
-    positions = torch.arange(total, device=cu_seqlens.device)
-    document = torch.bucketize(positions, cu_seqlens[1:].long(), right=True)
-    return (positions - cu_seqlens[:-1].long()[document]).unsqueeze(0)
-
-
-def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The cache under either of its names (`cache` from transformers 5.24 on, `past_key_values` before)."""
-    if cache is not None and past_key_values is not None and cache is not past_key_values:
-        raise ValueError("M2RNNModel: pass the cache as `cache` or as `past_key_values`, not two different caches")
-    return cache if cache is not None else past_key_values
-
-
-def _check_inputs(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
-    """(batch, seq_len) ids or (batch, seq_len, hidden) embeddings with at least one row and one token."""
-    tensor, name, dims = (input_ids, "input_ids", 2) if input_ids is not None else (inputs_embeds, "inputs_embeds", 3)
-    if tensor.dim() != dims:
-        layout = "(batch, seq_len)" if dims == 2 else "(batch, seq_len, hidden_size)"
-        hint = "; for one sequence pass `ids[None]`" if name == "input_ids" and tensor.dim() == 1 else ""
-        raise ValueError(f"M2RNNModel: `{name}` must be {layout}, got shape {tuple(tensor.shape)}{hint}")
-    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
-        raise ValueError(f"M2RNNModel: `{name}` is empty (shape {tuple(tensor.shape)}); pass at least one token per row")
-
-
-def _check_attention_mask(
-    attention_mask: torch.Tensor, batch: int, seq_len: int, cache: Cache | None
-) -> None:
-    """A 2-D mask covers the cached tokens and the new ones of every row; 4-D masks are passed through as given."""
-    if attention_mask.dim() == 4:
-        return
-    past = cached_length(cache)
-    expected = "past + new tokens" if past is None else f"{past + seq_len} (past {past} + new {seq_len})"
-    if (
-        attention_mask.dim() != 2
-        or attention_mask.shape[0] != batch
-        or attention_mask.shape[1] < seq_len
-        or (past is not None and attention_mask.shape[1] != past + seq_len)
-    ):
-        raise ValueError(
-            f"M2RNNModel: `attention_mask` has shape {tuple(attention_mask.shape)}; expected (batch={batch}, "
-            f"{expected}), 1 for tokens and 0 for padding"
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------
 class M2RNNModel(M2RNNPreTrainedModel):
@@ -450,21 +396,21 @@ class M2RNNModel(M2RNNPreTrainedModel):
         """The decoder stack. The cache may be passed as `cache` (transformers >= 5.24) or `past_key_values`; the
         output carries it under the name the installed transformers reads back. `dense_moe_dispatch=True` runs the
         MoE blocks through their sync-free `experts_dense` (what a CUDA-graph capture needs) in this call."""
-        past_key_values = _one_cache(cache, past_key_values)
+        past_key_values = one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("M2RNNModel: pass exactly one of `input_ids` and `inputs_embeds`")
-        _check_inputs(input_ids, inputs_embeds)
+        check_inputs(input_ids, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         seq_len = inputs_embeds.shape[1]
         if past_key_values is not None:
             check_cache(past_key_values, self.config)
         if isinstance(attention_mask, torch.Tensor):
-            _check_attention_mask(attention_mask, inputs_embeds.shape[0], seq_len, past_key_values)
+            check_attention_mask(attention_mask, inputs_embeds.shape[0], seq_len, past_key_values)
 
         cu_seqlens = kwargs.get("cu_seq_lens_q")
         if cu_seqlens is None and past_key_values is None and not isinstance(attention_mask, torch.Tensor):
-            cu_seqlens = _cu_seqlens_from_position_ids(position_ids)
+            cu_seqlens = cu_seqlens_from_position_ids(position_ids)
         if cu_seqlens is not None:  # packed documents never read or write a cache
             if inputs_embeds.shape[0] != 1:
                 raise ValueError(
@@ -474,7 +420,7 @@ class M2RNNModel(M2RNNPreTrainedModel):
             if "cu_seq_lens_q" in kwargs:  # the layers trust it (no host sync each): checked here, once
                 check_cu_seqlens(cu_seqlens, seq_len, inputs_embeds.device, "M2RNNModel (cu_seq_lens_q)")
             if position_ids is None:  # restarting positions keep RoPE and the attention mask within each document
-                position_ids = _position_ids_from_cu_seqlens(cu_seqlens, seq_len)
+                position_ids = position_ids_from_cu_seqlens(cu_seqlens, seq_len)
 
         if use_cache and past_key_values is None:
             past_key_values = M2RNNCache(config=self.config)
@@ -593,7 +539,7 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=_one_cache(cache, past_key_values),
+            past_key_values=one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
