@@ -3,7 +3,7 @@
     python examples/finetune.py --cpu                                     # one process
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/finetune.py     # gloo on a CPU machine
     accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/finetune.py
-    torchrun --nproc_per_node 2 examples/finetune.py --cpu --check-replicas   # DDP on CPU (gloo)
+    torchrun --standalone --nproc_per_node 2 examples/finetune.py --cpu --check-replicas   # DDP on CPU (gloo)
     python examples/finetune.py --cpu --save-every 10 --checkpoint-dir runs/ckpt      # sharded under FSDP2
     python examples/finetune.py --cpu --resume-from runs/ckpt/step-10                  # continue where it stopped
     python examples/finetune.py --consolidate runs/ckpt/step-20 --output-dir runs/consolidated   # Hub folder

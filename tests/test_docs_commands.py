@@ -242,7 +242,7 @@ CASES: dict[str, Case] = {
         outputs=("runs/finetune/model.safetensors",), stdout=r"(?s)^(?!.*step   1/20.*step   1/20).*saved to runs/finetune"),
     "accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/finetune.py": Case(
         outputs=("runs/finetune/model.safetensors",), stdout=r"(?s)^(?!.*step   1/20.*step   1/20).*saved to runs/finetune"),
-    "torchrun --nproc_per_node 2 examples/finetune.py --cpu --check-replicas": Case(
+    "torchrun --standalone --nproc_per_node 2 examples/finetune.py --cpu --check-replicas": Case(
         outputs=("runs/finetune/model.safetensors",), stdout=r"weights identical on all 2 processes: True"),
     "accelerate launch --config_file examples/accelerate/ddp.yaml examples/finetune_trainer.py --bf16": Case(
         outputs=("runs/finetune_trainer/model.safetensors",)),
@@ -365,6 +365,16 @@ def prepare(workdir: Path, case: Case, built_inputs: Path, variant: str | None =
             shutil.copy(built_inputs / "results.json", workdir / "results.json")
 
 
+def kill_processes_in(workdir: Path) -> None:
+    """SIGKILL every process whose working directory lies in `workdir` (Linux /proc; elsewhere nothing)."""
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if Path(os.readlink(entry / "cwd")).is_relative_to(workdir.resolve()):
+                os.kill(int(entry.name), 9)
+        except (OSError, ValueError):
+            continue
+
+
 def run(command: str, workdir: Path, env: dict[str, str], timeout: float = 300.0) -> subprocess.CompletedProcess:
     """`bash -c command` in `workdir`; past `timeout` its whole process group is killed (launchers start children)."""
     process = subprocess.Popen(["bash", "-c", command], cwd=workdir, env=env, stdout=subprocess.PIPE,
@@ -373,7 +383,8 @@ def run(command: str, workdir: Path, env: dict[str, str], timeout: float = 300.0
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, 9)
-        stdout, stderr = process.communicate()
+        kill_processes_in(workdir)  # launchers' workers run in sessions of their own and keep the pipes open
+        stdout, stderr = process.communicate(timeout=60)
         pytest.fail(f"`{command}` still ran after {timeout:.0f} s\n--- stdout (tail)\n{stdout[-3000:]}\n"
                     f"--- stderr (tail)\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

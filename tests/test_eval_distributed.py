@@ -69,7 +69,7 @@ def test_niah_under_torchrun_equals_one_process(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     parallel = subprocess.run(
-        [str(TORCHRUN), "--nproc_per_node", str(WORLD_SIZE), str(ENTRY_POINT), *options,
+        [str(TORCHRUN), "--standalone", "--nproc_per_node", str(WORLD_SIZE), str(ENTRY_POINT), *options,
          "--output-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
     assert parallel.returncode == 0, parallel.stderr[-3000:]
     assert parallel.stdout.count("results: ") == 1  # rank 0 alone reports
