@@ -8,7 +8,9 @@
     python examples/finetune.py --cpu --resume-from runs/ckpt/step-10                  # continue where it stopped
     python examples/finetune.py --consolidate runs/ckpt/step-20 --output-dir runs/consolidated   # Hub folder
 
-Batches are padding-free (`DataCollatorWithFlattening`): every layer restarts at each document boundary. The
+Batches are packed (`DataCollatorWithFlattening`): every layer restarts at each document boundary. Each packed row
+is rounded up to a multiple of `--pad-to-multiple-of` tokens (256) by a padding document, so that on a GPU the
+shapes repeat and attention/matmul plans are reused instead of rebuilt on the host at every step. The
 loss is token-exact under gradient accumulation and data parallelism: each optimizer step counts its targets over
 all micro-batches and all processes (`num_items_in_batch`), as `Trainer` does. Without `--model` it trains the
 tiny preset from scratch on `examples/data/tiny_corpus.txt` with the offline byte-level tokenizer; `--preset` trains a
@@ -38,7 +40,7 @@ from m2rnn import M2RNNConfig, M2RNNForCausalLM
 from m2rnn.apps.distributed import consolidate_checkpoint
 from m2rnn.losses import apply_liger_kernel_to_m2rnn
 from m2rnn.tokenization import BYTE_VOCAB_SIZE, byte_level_tokenizer
-from m2rnn.training import text_documents
+from m2rnn.training import PACKED_ROW_MULTIPLE, pad_packed_row, text_documents
 from m2rnn.apps.output import OutputError, check_output, staged_folder, staged_output, written_by_m2rnn
 
 STATE_FILE = "finetune_state.json"  # the step a checkpoint was saved after
@@ -57,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--max-length/2 to --max-length tokens instead of --data (benchmarks; no tokenizer needed)")
     parser.add_argument("--no-packing", action="store_true", help="pad documents into rows instead of packing them "
                         "into one row (the loss is the same: packed rows keep the document boundaries)")
+    parser.add_argument("--pad-to-multiple-of", type=int, default=PACKED_ROW_MULTIPLE, metavar="N",
+                        help="round each row's length up to a multiple of N tokens (padding is masked out of the "
+                        "loss); 1 keeps exact lengths. Repeating shapes save host time on a GPU")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute each decoder layer in "
                         "the backward (or set fsdp_activation_checkpointing in the FSDP2 config)")
     parser.add_argument("--fused-ce", action="store_true", help="liger-kernel's fused linear cross-entropy: the "
@@ -85,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", metavar="JSON", help="write losses, tokens/s and peak GPU memory to this file")
     args = parser.parse_args(argv)
     for key in ("max_steps", "batch_size", "accumulation", "max_length", "threads", "save_every", "layers",
-                "random_tokens"):
+                "random_tokens", "pad_to_multiple_of"):
         value = getattr(args, key)
         if value is not None and value < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
@@ -122,11 +127,13 @@ def random_documents(count: int, max_length: int, vocab_size: int, seed: int) ->
     return [{"input_ids": torch.randint(4, vocab_size, (int(n),), generator=generator).tolist()} for n in lengths]
 
 
-def pad_documents(pad_token_id: int) -> Any:
-    """A collator that right-pads documents into rows (labels -100 on padding), the unpacked batch layout."""
+def pad_documents(pad_token_id: int, multiple: int = 1) -> Any:
+    """A collator that right-pads documents into rows (labels -100 on padding), the unpacked batch layout; the row
+    width is the longest document rounded up to a multiple of `multiple`."""
 
     def collate(documents: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(document["input_ids"]) for document in documents)
+        width += -width % multiple
         input_ids = torch.full((len(documents), width), pad_token_id)
         attention_mask = torch.zeros((len(documents), width), dtype=torch.long)
         for row, document in enumerate(documents):
@@ -178,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         documents = random_documents(args.random_tokens, args.max_length, model.config.vocab_size, args.seed)
     else:
         documents = text_documents(args.data, tokenizer, max_length=args.max_length)
-    collator = (pad_documents(model.config.pad_token_id) if args.no_packing
+    pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0  # any id: masked out
+    collator = (pad_documents(pad_token_id, args.pad_to_multiple_of) if args.no_packing
                 else DataCollatorWithFlattening(return_flash_attn_kwargs=True))
     loader = DataLoader(
         documents, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collator,
@@ -206,6 +214,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for step in range(first_step, args.max_steps):
         started = time.perf_counter()
         group = [next(micro_batches) for _ in range(args.accumulation)]
+        step_tokens = sum(count_tokens(batch) for batch in group)
+        if not args.no_packing:  # counted first: the padding document is not part of the data
+            group = [pad_packed_row(batch, args.pad_to_multiple_of, pad_token_id) for batch in group]
         local_targets = sum(count_targets(batch) for batch in group).to(accelerator.device)
         total_targets = accelerator.gather(local_targets.reshape(1)).sum()
         step_loss = 0.0
@@ -222,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         losses.append(accelerator.reduce(step_loss, reduction="sum").item())  # synchronises the device
         if step - first_step >= 2:  # the first steps compile kernels and warm the allocator
             timed_seconds += time.perf_counter() - started
-            timed_tokens += sum(count_tokens(batch) for batch in group) * accelerator.num_processes
+            timed_tokens += step_tokens * accelerator.num_processes
         if accelerator.is_main_process and (step % 5 == 0 or step == args.max_steps - 1):
             print(f"step {step + 1:3d}/{args.max_steps}  loss {losses[-1]:.4f}  ppl {math.exp(min(losses[-1], 20)):.1f}")
         if args.save_every and (step + 1) % args.save_every == 0:
@@ -231,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result: dict[str, Any] = {"losses": losses, "processes": accelerator.num_processes, "first_step": first_step}
     if timed_seconds:
+        result["timed_tokens"] = timed_tokens  # documents' tokens of the timed steps, padding left out
         result["tokens_per_second"] = timed_tokens / timed_seconds
     if accelerator.device.type == "cuda":
         peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=accelerator.device)

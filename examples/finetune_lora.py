@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFlattening, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
 from m2rnn.tokenization import BYTE_VOCAB_SIZE, byte_level_tokenizer
 from m2rnn.training import (
     STATE_WEIGHT_TARGET,
+    PackedCollator,
     merge_and_unload,
     recurrent_modules_to_save,
     text_documents,
@@ -97,7 +98,7 @@ def train_save_and_merge(args: argparse.Namespace, output: Path) -> None:
             save_strategy="no", report_to=[], disable_tqdm=True,
         )
         trainer = Trainer(
-            model=model, args=training_args, train_dataset=documents, data_collator=DataCollatorWithFlattening()
+            model=model, args=training_args, train_dataset=documents, data_collator=PackedCollator()
         )
         trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

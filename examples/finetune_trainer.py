@@ -4,8 +4,9 @@
     python examples/finetune_trainer.py --model path/or/hub-id --data my.txt --max-steps 500 --bf16
 
 Nothing model-specific is needed: the model computes the causal-LM loss from `labels` and honours
-`num_items_in_batch`, so gradient accumulation is token-exact; `DataCollatorWithFlattening` packs documents into
-one row and every layer (M2RNN, GDN, attention) restarts at each document boundary. Without `--model` it trains
+`num_items_in_batch`, so gradient accumulation is token-exact; `PackedCollator` (`DataCollatorWithFlattening` with
+the row rounded up to a multiple of 256 tokens, so that shapes repeat on a GPU) packs documents into one row and
+every layer (M2RNN, GDN, attention) restarts at each document boundary. Without `--model` it trains
 the tiny preset on `examples/data/tiny_corpus.txt` with the offline byte-level tokenizer of `m2rnn.training`.
 Under `accelerate launch` (DDP, FSDP2, DeepSpeed) the same script runs on several GPUs.
 """
@@ -21,14 +22,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
-    DataCollatorWithFlattening,
     Trainer,
     TrainingArguments,
 )
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
 from m2rnn.tokenization import BYTE_VOCAB_SIZE, byte_level_tokenizer
-from m2rnn.training import text_documents
+from m2rnn.training import PackedCollator, text_documents
 from m2rnn.apps.output import OutputError, check_output, staged_output
 
 DATA = Path(__file__).parent / "data" / "tiny_corpus.txt"
@@ -72,7 +72,7 @@ def main() -> None:
             tokenizer.pad_token = tokenizer.eos_token
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     else:
-        collator = DataCollatorWithFlattening()  # one row, positions restart at 0 per document
+        collator = PackedCollator()  # one row, positions restart at 0 per document
 
     with tempfile.TemporaryDirectory() as scratch:
         training_args = TrainingArguments(

@@ -1,9 +1,11 @@
 """Fine-tuning helpers: PEFT target names per layer type, default LoRA targets registered with PEFT, the recipe for
-the recurrent parameters LoRA cannot wrap, and a text loader for offline examples.
+the recurrent parameters LoRA cannot wrap, a packing collator whose row lengths repeat, and a text loader for
+offline examples.
 
 Nothing here is needed to train with `Trainer`: the model computes its causal-LM loss from `labels`, honours
 `num_items_in_batch`, supports gradient checkpointing and reads padding-free batches from
-`DataCollatorWithFlattening` by itself. See `docs/finetuning.md`.
+`DataCollatorWithFlattening` by itself. On a GPU, `PackedCollator` (the same rows, rounded up to a multiple of
+256 tokens) keeps the host from building new attention and matmul plans at every step. See `docs/finetuning.md`.
 
 PEFT is optional and never imported by `import m2rnn`. `LoraConfig()` without `target_modules` finds our defaults
 in PEFT's per-model-type table (`register_peft_defaults`): `import m2rnn` fills it in when PEFT is already
@@ -17,6 +19,9 @@ import os
 import sys
 from collections.abc import Iterable
 from typing import Any
+
+import torch
+from transformers import DataCollatorWithFlattening
 
 from .configuration_m2rnn import M2RNNConfig
 
@@ -138,6 +143,80 @@ def register_peft_defaults_if_imported() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Packed rows whose lengths repeat
+# ---------------------------------------------------------------------------------------------------------------
+PACKED_ROW_MULTIPLE = 256
+"""Default rounding of a packed row's length: at most 255 padding tokens per row, at most ⌈max row / 256⌉ shapes."""
+
+
+def pad_packed_row(batch: dict[str, Any], multiple: int, pad_token_id: int) -> dict[str, Any]:
+    """Round a packed row (`DataCollatorWithFlattening` output, batch of one) up to a multiple of `multiple` tokens.
+
+    Why: every new row length is a new shape, and on a GPU a new shape costs host time at every step: cuDNN's
+    attention builds a plan (~20 ms per call on an H100) and cuBLAS picks its kernels again. With lengths rounded, the
+    shapes repeat and those plans are reused. The padding is one more document (positions restart at 0, one more
+    `cu_seq_lens` boundary, labels -100), so no real token attends to it or carries its state, and the loss is
+    unchanged. Returns a new dict; `batch` is not modified.
+    """
+    if multiple < 1:
+        raise ValueError(f"pad_packed_row: multiple must be >= 1, got {multiple}")
+    input_ids = batch["input_ids"]
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError("pad_packed_row: expects one packed row of torch tensors (input_ids of shape (1, T)), got "
+                         f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))}")
+    length = input_ids.shape[1]
+    padding = -length % multiple
+    if padding == 0:
+        return dict(batch)
+
+    def extend(row: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+        return torch.cat([row, tail.to(device=row.device, dtype=row.dtype)[None]], dim=1)
+
+    padded = dict(batch)
+    padded["input_ids"] = extend(input_ids, torch.full((padding,), pad_token_id))
+    if "labels" in batch:
+        padded["labels"] = extend(batch["labels"], torch.full((padding,), -100))
+    if "position_ids" in batch:
+        padded["position_ids"] = extend(batch["position_ids"], torch.arange(padding))
+    if "seq_idx" in batch:
+        padded["seq_idx"] = extend(batch["seq_idx"], torch.full((padding,), int(batch["seq_idx"][0, -1]) + 1))
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if key in batch:
+            bounds = batch[key]
+            padded[key] = torch.cat([bounds, bounds.new_tensor([length + padding])])
+    for key in ("max_length_q", "max_length_k"):
+        if key in batch:
+            padded[key] = max(batch[key], padding)
+    return padded
+
+
+class PackedCollator(DataCollatorWithFlattening):
+    """`DataCollatorWithFlattening` whose row length is rounded up to a multiple of `pad_to_multiple_of` tokens by
+    a padding document (`pad_packed_row`): the same loss, shapes that repeat from step to step.
+
+    `pad_to_multiple_of=None` (or 1) gives `DataCollatorWithFlattening`'s rows unchanged. The other arguments are
+    `DataCollatorWithFlattening`'s; tensors only (`return_tensors="pt"`).
+    """
+
+    def __init__(self, *args: Any, pad_to_multiple_of: int | None = PACKED_ROW_MULTIPLE, pad_token_id: int = 0,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"PackedCollator: pad_to_multiple_of must be >= 1 or None, got {pad_to_multiple_of}")
+        if self.return_tensors != "pt":
+            raise ValueError(f"PackedCollator: return_tensors must be 'pt', got {self.return_tensors!r}")
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]], return_tensors: str | None = None,
+                 separator_id: int | None = None) -> dict[str, Any]:
+        batch = super().__call__(features, return_tensors, separator_id)
+        if not self.pad_to_multiple_of or self.pad_to_multiple_of == 1:
+            return batch
+        return pad_packed_row(batch, self.pad_to_multiple_of, self.pad_token_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Local text for offline examples (tokenize it with `m2rnn.tokenization.byte_level_tokenizer`)
 # ---------------------------------------------------------------------------------------------------------------
 def text_documents(path: str | os.PathLike, tokenizer: Any, max_length: int = 256) -> list[dict[str, list[int]]]:
@@ -161,11 +240,14 @@ __all__ = [
     "DEFAULT_LORA_TARGET_MODULES",
     "LORA_TARGET_MODULES",
     "MIXER_MAIN_PROJECTIONS",
+    "PACKED_ROW_MULTIPLE",
+    "PackedCollator",
     "RECURRENT_PARAMETERS",
     "STATE_WEIGHT_TARGET",
     "lora_target_modules",
     "default_lora_targets",
     "merge_and_unload",
+    "pad_packed_row",
     "recurrent_modules_to_save",
     "register_peft_defaults",
     "register_peft_defaults_if_imported",

@@ -47,3 +47,20 @@ def test_checkpoint_dir_of_someone_else_is_refused(finetune, tmp_path):
     with pytest.raises(OutputError, match="--checkpoint-dir"):
         finetune.main(COMMON + ["--save-every", "2", "--checkpoint-dir", str(foreign), "--no-save"])
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("layout", [[], ["--no-packing"]])
+def test_rows_rounded_up_train_the_same_and_count_only_real_tokens(finetune, tmp_path, layout):
+    """The default `--pad-to-multiple-of 256` trains as exact-length rows do (`1`), and its throughput counts
+    only the documents' tokens."""
+    options = COMMON + ["--max-steps", "3", "--no-save"] + layout
+    rounded = finetune.main(options)
+    exact = finetune.main(options + ["--pad-to-multiple-of", "1"])
+    torch.testing.assert_close(torch.tensor(rounded["losses"]), torch.tensor(exact["losses"]), rtol=1e-5, atol=1e-6)
+    assert rounded["timed_tokens"] == exact["timed_tokens"] > 0
+
+
+def test_pad_to_multiple_of_must_be_positive(finetune, capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--pad-to-multiple-of", "0"])
+    assert "--pad-to-multiple-of must be >= 1, got 0" in capsys.readouterr().err

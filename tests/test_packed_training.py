@@ -1,11 +1,13 @@
 """Padding-free training: `DataCollatorWithFlattening` batches give the same logits, loss and gradients as padded
-batches, because every layer type (M2RNN, Gated DeltaNet, attention) stays within each packed document."""
+batches, because every layer type (M2RNN, Gated DeltaNet, attention) stays within each packed document; rows
+rounded up by `PackedCollator`'s padding document give them too."""
 
 import pytest
 import torch
 from transformers import DataCollatorWithFlattening
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
+from m2rnn.training import PackedCollator, pad_packed_row
 
 SMALL = dict(
     vocab_size=64, hidden_size=32, intermediate_size=48,
@@ -119,3 +121,46 @@ def test_cu_seq_lens_need_one_packed_row():
     cu = torch.tensor([0, 3, 6], dtype=torch.int32)
     with pytest.raises(ValueError, match="cu_seq_lens_q.*2 rows"):
         model(torch.randint(3, 60, (2, 6)), cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=3, max_length_k=3)
+
+
+@pytest.mark.parametrize("mode", list(COLLATORS))
+def test_rows_rounded_up_by_a_padding_document_keep_loss_and_gradients(mode):
+    """`PackedCollator` (and `pad_packed_row`) append one padding document: the same loss and gradients as the
+    exact-length row, for every way of marking documents."""
+    model = make_model(HYBRID).train()
+    docs = documents(seed=3)
+    exact = packed_batch(docs, mode)
+    rounded = PackedCollator(**COLLATORS[mode], pad_to_multiple_of=16)([{"input_ids": doc} for doc in docs])
+    total = sum(LENGTHS)
+    assert rounded["input_ids"].shape == (1, 32) and total == 26
+    assert (rounded["labels"][0, total:] == -100).all()
+    if "position_ids" in rounded:
+        assert rounded["position_ids"][0, total:].tolist() == list(range(6))
+    if "cu_seq_lens_q" in rounded:
+        assert rounded["cu_seq_lens_q"].tolist() == [0, 7, 10, 21, 26, 32]
+        assert rounded["max_length_q"] == max(LENGTHS)
+    exact_loss, exact_grads = loss_and_grads(model, exact)
+    rounded_loss, rounded_grads = loss_and_grads(model, rounded)
+    torch.testing.assert_close(rounded_loss, exact_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in exact_grads.items():
+        torch.testing.assert_close(rounded_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_pad_packed_row_leaves_its_input_alone_and_checks_it():
+    batch = packed_batch(documents(), "cu_seq_lens")
+    before = {key: value.clone() if torch.is_tensor(value) else value for key, value in batch.items()}
+    assert pad_packed_row(batch, 13, pad_token_id=0)["input_ids"].shape == (1, 26)  # already a multiple
+    padded = pad_packed_row(batch, 8, pad_token_id=0)
+    assert padded["input_ids"].shape == (1, 32) and padded["cu_seq_lens_k"][-1] == 32
+    for key, value in before.items():
+        assert torch.equal(batch[key], value) if torch.is_tensor(value) else batch[key] == value, key
+    with pytest.raises(ValueError, match="multiple must be >= 1, got 0"):
+        pad_packed_row(batch, 0, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"one packed row.*\(2, 6\)"):
+        pad_packed_row({"input_ids": torch.zeros(2, 6, dtype=torch.long)}, 8, pad_token_id=0)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be >= 1 or None, got 0"):
+        PackedCollator(pad_to_multiple_of=0)
+    with pytest.raises(ValueError, match="return_tensors must be 'pt', got 'np'"):
+        PackedCollator(return_tensors="np")
+    unrounded = PackedCollator(pad_to_multiple_of=None)([{"input_ids": doc} for doc in documents()])
+    assert unrounded["input_ids"].shape == (1, 26)
