@@ -1,12 +1,16 @@
 """Where one training step of `examples/finetune.py` spends its time: torch.profiler over a few steps.
 
     python benchmarks/profile_train_step.py --output-dir OUT                        # 400M, packed 1K docs, GPU
+    python benchmarks/profile_train_step.py --output-dir OUT --pad-to-multiple-of 1 # exact row lengths
     python benchmarks/profile_train_step.py --output-dir OUT --no-packing          # the same documents, padded rows
     python benchmarks/profile_train_step.py --output-dir OUT --fla-unguarded       # fla's GDN kernels (timing only)
     python benchmarks/profile_train_step.py --output-dir OUT --smoke               # tiny preset on CPU: plumbing
 
 The step is finetune.py's (fp32 master weights, bf16 autocast, AdamW, the same random documents and collators),
-run in one process without accelerate so the profile holds nothing else. Reported per step: wall time, GPU busy
+run in one process without accelerate so the profile holds nothing else. Rows are rounded up to a multiple of
+`--pad-to-multiple-of` tokens as in finetune.py, and the warm-up steps see the same row lengths as the profiled ones
+(the steady state of a long run, where every rounded length has been seen); `1` profiles exact lengths, each
+step a new shape. Reported per step: wall time, GPU busy
 time (the sum of kernel durations), kernel launches, and the operators with the most self device / host time.
 A step whose GPU busy time is a small share of its wall time is bound by the host (launches, syncs), not the GPU.
 """
@@ -31,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from finetune import pad_documents, random_documents  # noqa: E402
 
 from m2rnn import M2RNNConfig, M2RNNForCausalLM  # noqa: E402
+from m2rnn.training import PACKED_ROW_MULTIPLE, pad_packed_row  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--docs", type=int, default=2, help="documents per step")
     parser.add_argument("--no-packing", action="store_true", help="padded rows instead of one packed row")
     parser.add_argument("--fla-unguarded", action="store_true", help="lift fla's Hopper backward guard (timing only)")
+    parser.add_argument("--pad-to-multiple-of", type=int, default=PACKED_ROW_MULTIPLE, metavar="N",
+                        help="round row lengths up to a multiple of N (1: exact lengths)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 64-token documents, CPU")
@@ -55,10 +62,19 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
     model = M2RNNForCausalLM(M2RNNConfig.from_preset(preset)).to(device).train()
     model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    documents = random_documents(args.docs * (args.warmup + args.steps), length, model.config.vocab_size, 0)
-    collate = (pad_documents(model.config.pad_token_id) if args.no_packing
-               else DataCollatorWithFlattening(return_flash_attn_kwargs=True))
-    batches = [collate(documents[i : i + args.docs]) for i in range(0, len(documents), args.docs)]
+    documents = random_documents(args.docs * args.steps, length, model.config.vocab_size, 0)
+    multiple, pad_id = args.pad_to_multiple_of, model.config.pad_token_id or 0
+    if args.no_packing:
+        collate = pad_documents(pad_id, multiple)
+    else:
+        flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+        collate = lambda docs: pad_packed_row(flatten(docs), multiple, pad_id)  # noqa: E731
+    profiled = [collate(documents[i : i + args.docs]) for i in range(0, len(documents), args.docs)]
+    if multiple == 1:  # exact lengths: the warm-up rows are other lengths, as in a run where every step is new
+        warm = random_documents(args.docs * args.warmup, length, model.config.vocab_size, 1)
+        warmup = [collate(warm[i : i + args.docs]) for i in range(0, len(warm), args.docs)]
+    else:  # rounded lengths: the profiled shapes have been seen, as after the first steps of a long run
+        warmup = [profiled[i % len(profiled)] for i in range(max(args.warmup, len(profiled)))]
 
     def step(batch: dict[str, torch.Tensor]) -> None:
         batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
@@ -72,13 +88,13 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for batch in batches[: args.warmup]:
+    for batch in warmup:
         step(batch)
     synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     started = time.perf_counter()
     with profile(activities=activities) as prof:
-        for batch in batches[args.warmup :]:
+        for batch in profiled:
             step(batch)
         synchronize()
     wall = (time.perf_counter() - started) / args.steps
@@ -86,8 +102,7 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
     device_time = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels) / 1e6
-    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                 for b in batches[args.warmup :]) / args.steps
+    tokens = sum(len(document["input_ids"]) for document in documents) / args.steps  # padding left out
 
     def top(key: str, count: int = 12) -> list[dict[str, Any]]:
         ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:count]
@@ -97,7 +112,7 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
     gdn_backend = "fla (guard lifted)" if args.fla_unguarded else "fla" if device == "cuda" and _fla_trains() else "torch"
     return {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "preset": preset, "max_length": length,
-        "docs_per_step": args.docs, "packed": not args.no_packing, "gdn_backend": gdn_backend,
+        "docs_per_step": args.docs, "packed": not args.no_packing, "row_multiple": multiple, "gdn_backend": gdn_backend,
         "tokens_per_step": tokens, "wall_ms_per_step": wall * 1e3, "tokens_per_second": tokens / wall,
         "gpu_busy_ms_per_step": busy / args.steps * 1e3 if device == "cuda" else None,
         "kernel_launches_per_step": len(kernels) / args.steps,
@@ -120,11 +135,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(lift_fla_backward_guard(), flush=True)
     result = profile_steps(args)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    name = f"profile_{'padded' if args.no_packing else 'packed'}_{result['max_length']}{'_fla' if args.fla_unguarded else ''}.json"
+    name = (f"profile_{'padded' if args.no_packing else 'packed'}_{result['max_length']}_r{result['row_multiple']}"
+            f"{'_fla' if args.fla_unguarded else ''}.json")
     (args.output_dir / name).write_text(json.dumps(result, indent=1))
     busy = result["gpu_busy_ms_per_step"]
     print(f"{result['preset']}, {result['docs_per_step']} docs of <= {result['max_length']} tokens, "
-          f"{'packed' if result['packed'] else 'padded'}, GDN {result['gdn_backend']}: "
+          f"{'packed' if result['packed'] else 'padded'}, rows rounded to {result['row_multiple']}, GDN {result['gdn_backend']}: "
           f"{result['wall_ms_per_step']:.1f} ms per step ({result['tokens_per_second']:,.0f} tok/s), "
           f"GPU busy {'n/a' if busy is None else f'{busy:.1f} ms'}, {result['kernel_launches_per_step']:.0f} kernels")
     for title, rows in (("device", result["top_device_ops"]), ("host", result["top_host_ops"])):
