@@ -6,8 +6,8 @@
     python benchmarks/bench_distributed.py --output-dir OUT --phases single_fla,ddp_fla,lm_eval_dp,eval_dp
 
 Every phase is one or more command lines (printed, and stored in OUT/results.json beside their reports; their output
-in OUT/NAME.log), each bounded by a timeout, so a slow phase cannot eat the others; results.json is rewritten after
-each command. `--phases` runs the phases in the order given. Phases (default order):
+in OUT/NAME.log), each bounded by a timeout (a finetune run also by EXIT_GRACE seconds after it wrote its report), so
+a slow or hung phase cannot eat the others; results.json is rewritten after each command. `--phases` runs the phases in the order given. Phases (default order):
 
 - single: one GPU, the global batch (4 documents of 2K-4K random tokens, packed), 20 steps: the reference losses,
   tokens/s and peak memory; at the same time on the second GPU, `memory`: peak memory of one training step at
@@ -67,6 +67,8 @@ from bench_distributed_eval import (  # noqa: E402
 PHASES = ("single", "memory", "ddp", "moe_ddp", "moe_ddp_gc", "fsdp2", "fsdp2_resume", "consolidate",
           "consolidate_check", "fsdp2_ac", "fsdp2_padded", "single_fla", "ddp_fla", "lm_eval_dp", "eval_dp")
 FLA_PHASES = ("single_fla", "ddp_fla")
+EXIT_GRACE = 60  # seconds a finetune run may take to exit after writing its report
+RUN_MARKER = "BENCH_DISTRIBUTED_RUN"  # in the environment of every process a phase's command starts
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # local tasks and folders only: no Hub try to time out
 
 
@@ -273,14 +275,17 @@ class Bench:
             "--random-tokens", "400", "--max-length", "64" if self.smoke else str(self.args.max_length),
             "--lr", "3e-4", "--max-steps", str(self.args.steps), "--report", str(report),
         ] + options
-        self.run(name, command, self.timeout, gpus)
+        report.unlink(missing_ok=True)  # a report of an earlier call would look like this run's
+        self.run(name, command, self.timeout, gpus, report=report)
         self.merge_report(name, report)
 
     def run(self, name: str, command: list[str], timeout: float, gpus: str | None = None,
-            env: dict[str, str] | None = None) -> int | str:
+            env: dict[str, str] | None = None, report: Path | None = None) -> int | str:
         """`command` bounded by `timeout` (cut to the budget left); its output in OUT/NAME.log, its line, exit status
-        and seconds in results[name]. A timed-out command is killed with every process it started."""
-        environ = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        and seconds in results[name]. A command that times out, or still runs EXIT_GRACE seconds after writing its
+        `report` (its last act), is killed with every process it started."""
+        marker = f"{os.getpid()}-{name}"
+        environ = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}), **{RUN_MARKER: marker})
         if gpus is not None:
             environ["CUDA_VISIBLE_DEVICES"] = gpus
         line = " ".join(shlex.quote(part) for part in command)
@@ -294,13 +299,18 @@ class Bench:
         started = time.perf_counter()
         process = subprocess.Popen(command, env=environ, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, start_new_session=True)
-        try:
-            output, _ = process.communicate(timeout=timeout)
-            code: int | str = process.returncode
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # the launcher's workers too: they would hold the GPUs
-            output, _ = process.communicate()
-            code = "timeout"
+        end, code = time.monotonic() + timeout, None
+        while code is None:
+            try:
+                output, _ = process.communicate(timeout=5)
+                code = process.returncode
+            except subprocess.TimeoutExpired:
+                hung = report is not None and report.is_file() and time.time() - report.stat().st_mtime > EXIT_GRACE
+                if hung or time.monotonic() > end:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    kill_marked(marker)  # the launcher's workers run in sessions of their own, hold the pipe and GPUs
+                    output, _ = process.communicate(timeout=60)
+                    code = f"killed: still running {EXIT_GRACE} s after writing its report" if hung else "timeout"
         (self.out / f"{name}.log").write_text(output)
         lines = [x for x in output.splitlines() if "Warning" not in x and "warn(" not in x]
         print("\n".join(lines[-25:]), flush=True)
@@ -334,6 +344,17 @@ class Bench:
 
     def _smoke_flag(self) -> list[str]:
         return ["--smoke"] if self.smoke else []
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment holds RUN_MARKER=`marker`: the processes one command started (Linux)."""
+    needle = f"{RUN_MARKER}={marker}".encode()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 def m2rnn_command() -> list[str]:

@@ -131,25 +131,12 @@ def loglikelihood_requests(log: str) -> int | None:
 # ---------------------------------------------------------------------------------------------------- comparing
 
 
-def _numbers(value: Any) -> list[float] | None:
-    """The floats in a sample's `filtered_resps` (log-likelihoods, possibly written as strings), or None for text."""
-    flat: list[Any] = []
-    stack = [value]
-    while stack:
-        item = stack.pop(0)
-        if isinstance(item, (list, tuple)):
-            stack[:0] = list(item)
-        else:
-            flat.append(item)
-    numbers = []
-    for item in flat:
-        if isinstance(item, bool) or item in ("True", "False"):  # is_greedy flags
-            continue
-        try:
-            numbers.append(float(item))
-        except (TypeError, ValueError):
-            return None
-    return numbers
+def _loglikelihoods(response: Any) -> list[float] | None:
+    """The log-likelihoods of a sample's `filtered_resps` when it holds (log-likelihood, is_greedy) pairs (as
+    strings in lm-eval's sample files); None for generated text."""
+    if isinstance(response, list) and response and all(isinstance(x, list) and len(x) == 2 for x in response):
+        return [float(loglikelihood) for loglikelihood, _ in response]
+    return None
 
 
 def _responses(samples: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, int], Any]:
@@ -172,7 +159,7 @@ def compare_lm_eval(one: dict[str, Any], two: dict[str, Any]) -> dict[str, Any]:
     for key, response in first.items():
         if key not in second:
             continue
-        numbers, other = _numbers(response), _numbers(second[key])
+        numbers, other = _loglikelihoods(response), _loglikelihoods(second[key])
         if numbers is None or other is None:
             generations += 1
             generations_equal += response == second[key]
