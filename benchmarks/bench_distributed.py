@@ -7,7 +7,8 @@
 
 Every phase is one or more command lines (printed, and stored in OUT/results.json beside their reports; their output
 in OUT/NAME.log), each bounded by a timeout (a finetune run also by EXIT_GRACE seconds after it wrote its report), so
-a slow or hung phase cannot eat the others; results.json is rewritten after each command. `--phases` runs the phases in the order given. Phases (default order):
+a slow or hung phase cannot eat the others; results.json is rewritten after each command. `--phases` runs the
+phases in the order given. Phases (default order):
 
 - single: one GPU, the global batch (4 documents of 2K-4K random tokens, packed), 20 steps: the reference losses,
   tokens/s and peak memory; at the same time on the second GPU, `memory`: peak memory of one training step at
@@ -94,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.phases = [name.strip() for name in args.phases.split(",") if name.strip()]
         unknown = [name for name in args.phases if name not in PHASES]
         if unknown or not args.phases:
-            parser.error(f"--phases: unknown phase(s) {', '.join(unknown) or '(none given)'}; phases: {', '.join(PHASES)}")
+            parser.error(f"--phases: unknown phase(s) {', '.join(unknown) or '(none given)'}; "
+                         f"phases: {', '.join(PHASES)}")
         if len(set(args.phases)) < len(args.phases):
             parser.error(f"--phases: a phase is named twice in {','.join(args.phases)}")
     return args
@@ -441,7 +443,7 @@ def check_consolidated(consolidated: Path, full: Path, output: Path) -> None:
     load_seconds = time.perf_counter() - started
     reference = AutoModelForCausalLM.from_pretrained(full, device_map=device).eval().state_dict()
     state = ours.state_dict()
-    same = state.keys() == reference.keys() and all(torch.equal(value, reference[name]) for name, value in state.items())
+    same = state.keys() == reference.keys() and all(torch.equal(value, reference[key]) for key, value in state.items())
     input_ids = [[5, 17, 300 % ours.config.vocab_size, 42]]
     with torch.no_grad():
         logits = ours(torch.tensor(input_ids, device=device)).logits.float().cpu()

@@ -56,7 +56,8 @@ def arithmetic_docs(count: int, seed: int = 0) -> list[dict[str, Any]]:
         prefix = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 12)))
         choices = [str(a + b), str(a + b + rng.randint(1, 9)), str(abs(a - b))]
         rng.shuffle(choices)
-        docs.append({"question": f"{prefix} {a} + {b} =".strip(), "choices": choices, "answer": choices.index(str(a + b))})
+        question = f"{prefix} {a} + {b} =".strip()
+        docs.append({"question": question, "choices": choices, "answer": choices.index(str(a + b))})
     return docs
 
 

@@ -29,7 +29,8 @@ def _run(order: list[int], shift: float = 0.0, generation: str = "42") -> dict:
     return {
         "results": {"choice": {"alias": "choice", "acc,none": 0.25}, "generate": {"exact_match,none": 0.0}},
         "samples": {"choice": [choices[i] for i in order],
-                    "generate": [{"doc_id": 0, "filtered_resps": [generation]}, {"doc_id": 1, "filtered_resps": ["7"]}]},
+                    "generate": [{"doc_id": 0, "filtered_resps": [generation]},
+                                 {"doc_id": 1, "filtered_resps": ["7"]}]},
     }
 
 
