@@ -1,0 +1,118 @@
+"""`benchmarks/bench_distributed.py`'s pure parts: the phase order of `--phases`, and the comparison of a one-process
+lm-eval run with a data-parallel one (documents matched by doc id, lm-eval's sample format, its output folders)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+try:
+    import bench_distributed
+    from bench_distributed_eval import arithmetic_docs, compare_lm_eval, loglikelihood_requests, read_lm_eval_cli
+finally:
+    sys.path.pop(0)
+
+
+def _choice(doc_id: int, loglikelihoods: list[float]) -> dict:
+    """A multiple-choice sample as lm-eval logs it: (log-likelihood, is_greedy) pairs written as strings."""
+    return {"doc_id": doc_id, "filtered_resps": [[str(x), "False"] for x in loglikelihoods], "acc": 0.0}
+
+
+def _run(order: list[int], shift: float = 0.0, generation: str = "42") -> dict:
+    choices = {i: _choice(i, [-10.0 - i + shift, -20.0 - i]) for i in range(4)}
+    return {
+        "results": {"choice": {"alias": "choice", "acc,none": 0.25}, "generate": {"exact_match,none": 0.0}},
+        "samples": {"choice": [choices[i] for i in order],
+                    "generate": [{"doc_id": 0, "filtered_resps": [generation]},
+                                 {"doc_id": 1, "filtered_resps": ["7"]}]},
+    }
+
+
+def test_runs_are_matched_by_doc_id():
+    one, two = _run([0, 1, 2, 3]), _run([0, 2, 1, 3], shift=3e-6)  # rank 0 took docs 0 and 2, rank 1 docs 1 and 3
+    comparison = compare_lm_eval(one, two)
+    assert comparison["metrics_equal"] and comparison["metrics_max_abs_diff"] == 0
+    assert comparison["loglikelihood_max_abs_diff"] == pytest.approx(3e-6, rel=1e-3)
+    assert comparison["loglikelihoods_compared"] == 8
+    assert comparison["docs_matched"] == 6 and comparison["docs_only_in_one_run"] == 0
+    assert comparison["generations_equal"] == "2/2"
+
+
+def test_differences_are_reported():
+    one, two = _run([0, 1, 2, 3]), _run([0, 1, 2], generation="41")
+    two["results"]["choice"]["acc,none"] = 0.5
+    comparison = compare_lm_eval(one, two)
+    assert not comparison["metrics_equal"] and comparison["metrics_max_abs_diff"] == 0.25
+    assert comparison["docs_only_in_one_run"] == 1
+    assert comparison["generations_equal"] == "1/2"
+
+
+def test_request_count_from_progress_bars():
+    log = ("Running loglikelihood requests:   0%|          | 0/612 [00:00<?, ?it/s]\r"
+           "Running loglikelihood requests: 100%|██████████| 612/612 [00:01<00:00, 350.18it/s]\n"
+           "Running generate_until requests: 100%|██████████| 16/16 [00:00<00:00, 9.1it/s]\n")
+    assert loglikelihood_requests(log) == 612
+    assert loglikelihood_requests("no bars here") is None
+
+
+def test_reads_the_latest_lm_eval_output(tmp_path):
+    folder = tmp_path / "out" / "__model"
+    folder.mkdir(parents=True)
+    for date, acc in (("2026-11-28T02-50-02.638344", 0.1), ("2026-11-28T03-10-00.000001", 0.2)):
+        (folder / f"results_{date}.json").write_text(json.dumps({"results": {"choice": {"acc,none": acc}}}))
+        (folder / f"samples_m2rnn_bench_choice_{date}.jsonl").write_text(json.dumps(_choice(0, [acc])) + "\n")
+    read = read_lm_eval_cli(tmp_path / "out")
+    assert read["results"] == {"choice": {"acc,none": 0.2}}
+    assert read["samples"]["m2rnn_bench_choice"][0]["filtered_resps"] == [["0.2", "False"]]
+
+
+def test_arithmetic_docs_are_fixed_and_answerable():
+    docs = arithmetic_docs(50)
+    assert docs == arithmetic_docs(50)
+    for doc in docs:
+        a, b = (int(x) for x in doc["question"].split()[-4:-1:2])
+        assert doc["choices"][doc["answer"]] == str(a + b)
+
+
+def test_phases_run_in_the_order_given(capsys):
+    args = bench_distributed.parse_args(["--output-dir", "x", "--phases", "ddp_fla,single_fla,lm_eval_dp"])
+    assert args.phases == ["ddp_fla", "single_fla", "lm_eval_dp"]
+    default = bench_distributed.parse_args(["--output-dir", "x"]).phases
+    assert default[0] == "single" and "single_fla" not in default and default[-2:] == ["lm_eval_dp", "eval_dp"]
+    assert "single_fla" in bench_distributed.parse_args(["--output-dir", "x", "--fla-unguarded"]).phases
+    with pytest.raises(SystemExit):
+        bench_distributed.parse_args(["--output-dir", "x", "--phases", "ddp,lm_eval"])
+    assert "--phases: unknown phase(s) lm_eval" in capsys.readouterr().err
+
+
+def test_a_timed_out_command_leaves_no_process():
+    """The launchers' workers run in sessions of their own: they are found by the marker in their environment."""
+    env = {**os.environ, bench_distributed.RUN_MARKER: "test-marker"}
+    marked = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
+    other = subprocess.Popen(["sleep", "60"], env={**env, bench_distributed.RUN_MARKER: "test-marker-2"})
+    try:
+        bench_distributed.kill_marked("test-marker")
+        assert marked.wait(timeout=10) == -signal.SIGKILL
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_run_that_hangs_after_its_report_is_killed(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_distributed, "EXIT_GRACE", 1)
+    bench = bench_distributed.Bench(bench_distributed.parse_args(["--output-dir", str(tmp_path), "--smoke"]))
+    report = tmp_path / "hang.json"
+    hang = f"import pathlib, time; pathlib.Path({str(report)!r}).write_text('{{}}'); print('wrote'); time.sleep(120)"
+    started = time.monotonic()
+    code = bench.run("hang", [sys.executable, "-c", hang], timeout=100, report=report)
+    assert time.monotonic() - started < 30
+    assert code == "killed: still running 1 s after writing its report"
+    assert (tmp_path / "hang.log").read_text() == "wrote\n"
+    assert json.loads((tmp_path / "results.json").read_text())["phases"]["hang"]["exit"] == code
