@@ -1,13 +1,7 @@
 #!/bin/bash
 # Run from the repository root on a 2-GPU machine; WHEELS: folder of carried wheels (transformers, fla, liger, lm-eval...).
 # Issue 16, call B: fla-kernel timings, one GPU vs DDP at 4K and 1K, rows rounded (repeating shapes) vs exact lengths.
-set -o pipefail
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ${WHEELS:-.whl}/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,clocks.max.sm,driver_version --format=csv,noheader
-python3 -c "import torch, triton, transformers, accelerate, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'fla', fla.__version__)"
-git log --oneline -1 2>/dev/null
+source benchmarks/gpu_calls/setup.sh torch triton transformers accelerate fla
 W="benchmarks/bench_distributed.py --worker"   # examples/finetune.py with fla's Hopper backward guard lifted (timing only)
 LAUNCH2="python3 -m accelerate.commands.launch --num_processes 2 --config_file examples/accelerate/ddp.yaml"
 common() { echo "--preset hybrid-gdn-m2rnn-1l-400m --random-tokens 400 --max-length $1 --lr 3e-4 --max-steps $2 --no-save --bf16 --fused-ce"; }

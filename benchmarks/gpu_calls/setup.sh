@@ -1,0 +1,11 @@
+# Sourced by the issue16_call_*.sh scripts: install the carried wheels (WHEELS, default .whl), put them and the
+# repository on PYTHONPATH, and print the GPUs and the versions of the packages named in $@.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ${WHEELS:-.whl}/*.whl 2>&1 | tail -2
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,clocks.max.sm,driver_version --format=csv,noheader
+python3 - "$@" <<'PY'
+import importlib, sys
+print(", ".join(f"{name} {importlib.import_module(name).__version__}" for name in sys.argv[1:]))
+PY
