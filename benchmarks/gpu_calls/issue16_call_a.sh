@@ -3,11 +3,7 @@
 # Issue 16, call A: fla-kernel timings one GPU vs DDP (4K and 1K), and the training-step profile of the torch GDN path.
 # (Run on 2026-11-28 before --pad-to-multiple-of existed: exact row lengths then, the option spells that out now.)
 source benchmarks/gpu_calls/setup.sh torch triton transformers accelerate fla
-W="benchmarks/bench_distributed.py --worker"   # examples/finetune.py with fla's Hopper backward guard lifted (timing only)
-LAUNCH2="python3 -m accelerate.commands.launch --num_processes 2 --config_file examples/accelerate/ddp.yaml"
 common() { echo "--preset hybrid-gdn-m2rnn-1l-400m --random-tokens 400 --max-length $1 --lr 3e-4 --max-steps $2 --no-save --bf16 --fused-ce --pad-to-multiple-of 1"; }
-t0=$(date +%s)
-phase() { echo "=== $1 (t=$(( $(date +%s) - t0 )) s)"; }
 phase "profiles, torch GDN (GPU 1, background)"
 ( for extra in "" "--no-packing"; do
     CUDA_VISIBLE_DEVICES=1 timeout 120 python3 benchmarks/profile_train_step.py --output-dir $OUT/profile --pad-to-multiple-of 1 $extra 2>&1 | grep -v USDT | tail -30

@@ -2,12 +2,7 @@
 # Run from the repository root on a 2-GPU machine; WHEELS: folder of carried wheels (transformers, fla, liger, lm-eval...).
 # Issue 16, call B: fla-kernel timings, one GPU vs DDP at 4K and 1K, rows rounded (repeating shapes) vs exact lengths.
 source benchmarks/gpu_calls/setup.sh torch triton transformers accelerate fla
-W="benchmarks/bench_distributed.py --worker"   # examples/finetune.py with fla's Hopper backward guard lifted (timing only)
-LAUNCH2="python3 -m accelerate.commands.launch --num_processes 2 --config_file examples/accelerate/ddp.yaml"
 common() { echo "--preset hybrid-gdn-m2rnn-1l-400m --random-tokens 400 --max-length $1 --lr 3e-4 --max-steps $2 --no-save --bf16 --fused-ce"; }
-t0=$(date +%s)
-phase() { echo "=== $1 (t=$(( $(date +%s) - t0 )) s)"; }
-quiet() { grep -v -i "warn" | tail -${1:-3}; }
 phase "single_fla 4K: rows rounded to 1024 (GPU 0) | exact lengths (GPU 1)"
 CUDA_VISIBLE_DEVICES=0 timeout 330 python3 $W $(common 4096 24) --batch-size 4 --pad-to-multiple-of 1024 --report $OUT/single_fla_4k_r1024.json > $OUT/single_fla_4k_r1024.log 2>&1 &
 CUDA_VISIBLE_DEVICES=1 timeout 330 python3 $W $(common 4096 24) --batch-size 4 --pad-to-multiple-of 1 --report $OUT/single_fla_4k_exact.json 2>&1 | quiet
