@@ -14,12 +14,16 @@ phases in the order given. Phases (default order):
   tokens/s and peak memory; at the same time on the second GPU, `memory`: peak memory of one training step at
   batch 8 x 4K with the plain and the fused (liger) cross-entropy, and the largest batch that fits with each;
 - ddp, fsdp2, fsdp2_ac: two GPUs, 2 documents per GPU (the same global batch, the same documents per step), 20 steps;
+  `--accumulation N` gives every run N micro-batches per GPU and step, and `--single-accumulates` makes the one-GPU
+  runs accumulate 2N micro-batches of the per-GPU width instead of N twice as wide (the scaling then compares equal
+  micro-batches: the host's per-micro-batch cost is paid by both sides alike);
   fsdp2 saves sharded checkpoints at steps 10 and 20 and the gathered final model; fsdp2_resume continues from step 10;
 - moe_ddp, moe_ddp_gc: a 2-layer cut of the 7B MoE preset under plain DDP, without and with gradient checkpointing;
 - consolidate: the sharded step-20 checkpoint to a Hub folder; consolidate_check (consolidating first when
   consolidate has not run): that folder loaded on the GPU equals fsdp2's gathered final save, and loads without the
   package;
-- fsdp2_padded: the fsdp2 run with padded rows instead of packed ones (the same documents);
+- fsdp2_padded: the fsdp2 run with padded rows instead of packed ones (the same documents); fsdp2_ac and
+  fsdp2_padded are compared with fsdp2 as well as with single;
 - single_fla, ddp_fla (default only with `--fla-unguarded`): single and ddp again, 8 steps, with fla's GDN kernels
   (timing only: the worker is this file's `--worker` mode, finetune.py with fla's backward guard lifted, fla #640)
   and the fused cross-entropy in both, so that the one-GPU global batch fits 80 GB at 4K;
@@ -81,14 +85,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{' and '.join(FLA_PHASES)}, in this order: {','.join(PHASES)}); memory runs beside single")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=4096, help="documents of max/2 to max random tokens")
-    parser.add_argument("--docs-per-gpu", type=int, default=2, help="documents per GPU and step (the one-GPU run "
-                        "takes twice as many: the same global batch)")
+    parser.add_argument("--docs-per-gpu", type=int, default=2, help="documents per GPU and micro-batch (the one-GPU "
+                        "run takes twice as many: the same global batch)")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per GPU and optimizer step")
+    parser.add_argument("--single-accumulates", action="store_true", help="the one-GPU runs (single, single_fla) "
+                        "reach the global batch by accumulating twice as many micro-batches of DOCS_PER_GPU, instead "
+                        "of micro-batches twice as wide: each micro-batch is then the same rows as one GPU's of the "
+                        "two-GPU runs, so the scaling compares equal work per micro-batch")
+    parser.add_argument("--fla-steps", type=int, default=8, help="steps of single_fla and ddp_fla")
+    parser.add_argument("--pad-to-multiple-of", type=int, metavar="N", help="finetune.py's option of the same name "
+                        "(packed rows rounded up to N tokens; default: finetune.py's)")
     parser.add_argument("--budget", type=float, default=540, help="seconds for all phases: a phase that would "
                         "start later is skipped, and each phase's timeout is cut to what is left")
     parser.add_argument("--fla-unguarded", action="store_true", help="add single_fla and ddp_fla to the default "
                         "phases: the one-GPU and DDP timings again with fla's GDN backward guard lifted (timing only: "
                         "its gradients are wrong)")
     args = parser.parse_args(argv)
+    for option in ("steps", "max_length", "docs_per_gpu", "accumulation", "fla_steps", "pad_to_multiple_of"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     if args.phases is None:
         args.phases = [name for name in PHASES if args.fla_unguarded or name not in FLA_PHASES]
     else:
@@ -116,6 +131,11 @@ class Bench:
         self.bf16 = [] if self.smoke else ["--bf16"]
         self.timeout = 300 if self.smoke else 600
         self.docs = str(args.docs_per_gpu)
+        # options of a two-GPU run's micro-batches, and of the one-GPU run that sees the same global batch
+        self.per_gpu = ["--batch-size", self.docs, "--accumulation", str(args.accumulation)]
+        self.one_gpu = (["--batch-size", self.docs, "--accumulation", str(2 * args.accumulation)]
+                        if args.single_accumulates else
+                        ["--batch-size", str(2 * args.docs_per_gpu), "--accumulation", str(args.accumulation)])
         self.checkpoints, self.final = self.out / "fsdp2-checkpoints", self.out / "fsdp2-final"
         self.consolidated = self.out / "fsdp2-consolidated"
         self._eval_model: Path | None = None
@@ -131,8 +151,7 @@ class Bench:
                 "memory", self.py + [__file__, "--output-dir", str(self.out), "--memory-probe"] + self._smoke_flag(),
                 self.timeout, "1"))
             memory.start()
-        self.finetune("single", self.py, ["--batch-size", str(2 * self.args.docs_per_gpu), "--no-save"] + self.bf16,
-                      gpus="0")
+        self.finetune("single", self.py, self.one_gpu + ["--no-save"] + self.bf16, gpus="0")
         if memory is not None:
             memory.join()
             if (self.out / "memory.json").is_file():
@@ -140,8 +159,7 @@ class Bench:
                 self.save()
 
     def ddp(self) -> None:
-        self.finetune("ddp", self.two + [str(DDP_YAML)],
-                      ["--batch-size", self.docs, "--no-save", "--check-replicas"] + self.bf16)
+        self.finetune("ddp", self.two + [str(DDP_YAML)], self.per_gpu + ["--no-save", "--check-replicas"] + self.bf16)
 
     def moe_ddp(self, name: str = "moe_ddp", extra: tuple[str, ...] = ()) -> None:
         moe = ["--preset", "tiny"] if self.smoke else ["--preset", MOE_PRESET, "--layers", "2"]
@@ -152,13 +170,13 @@ class Bench:
         self.moe_ddp("moe_ddp_gc", ("--gradient-checkpointing",))
 
     def fsdp2(self) -> None:
-        self.finetune("fsdp2", self.two + [str(FSDP2_YAML)], [
-            "--batch-size", self.docs, "--save-every", str(self.args.steps // 2), "--checkpoint-dir",
+        self.finetune("fsdp2", self.two + [str(FSDP2_YAML)], self.per_gpu + [
+            "--save-every", str(self.args.steps // 2), "--checkpoint-dir",
             str(self.checkpoints), "--output-dir", str(self.final), "--overwrite"] + self.bf16)
 
     def fsdp2_resume(self) -> None:
-        self.finetune("fsdp2_resume", self.two + [str(FSDP2_YAML)], [
-            "--batch-size", self.docs, "--resume-from", str(self.checkpoints / f"step-{self.args.steps // 2}"),
+        self.finetune("fsdp2_resume", self.two + [str(FSDP2_YAML)], self.per_gpu + [
+            "--resume-from", str(self.checkpoints / f"step-{self.args.steps // 2}"),
             "--no-save"] + self.bf16)
 
     def consolidate(self) -> int:
@@ -183,25 +201,25 @@ class Bench:
 
     def fsdp2_ac(self) -> None:
         self.finetune("fsdp2_ac", self.two + [str(FSDP2_YAML), "--fsdp_activation_checkpointing", "true"],
-                      ["--batch-size", self.docs, "--no-save"] + self.bf16)
+                      self.per_gpu + ["--no-save"] + self.bf16)
 
     def fsdp2_padded(self) -> None:
         self.finetune("fsdp2_padded", self.two + [str(FSDP2_YAML)],
-                      ["--batch-size", self.docs, "--no-save", "--no-packing"] + self.bf16)
+                      self.per_gpu + ["--no-save", "--no-packing"] + self.bf16)
 
     def single_fla(self) -> None:
         """`single` with fla's GDN kernels (guard lifted, timing only) and the fused loss, so that the global batch
-        fits one GPU at 4K; 8 steps."""
-        self.finetune("single_fla", self.py, ["--batch-size", str(2 * self.args.docs_per_gpu), "--no-save"]
-                      + self._fla_options(), gpus="0", fla_unguarded=True)
+        fits one GPU at 4K; FLA_STEPS steps."""
+        self.finetune("single_fla", self.py, self.one_gpu + ["--no-save"] + self._fla_options(), gpus="0",
+                      fla_unguarded=True)
 
     def ddp_fla(self) -> None:
         """`ddp` with the flags of `single_fla`."""
-        self.finetune("ddp_fla", self.two + [str(DDP_YAML)], ["--batch-size", self.docs, "--no-save"]
-                      + self._fla_options(), fla_unguarded=True)
+        self.finetune("ddp_fla", self.two + [str(DDP_YAML)], self.per_gpu + ["--no-save"] + self._fla_options(),
+                      fla_unguarded=True)
 
     def _fla_options(self) -> list[str]:
-        return ["--max-steps", "8"] + ([] if self.smoke else ["--fused-ce"]) + self.bf16  # liger needs a GPU
+        return ["--max-steps", str(self.args.fla_steps)] + ([] if self.smoke else ["--fused-ce"]) + self.bf16  # liger needs a GPU
 
     # ------------------------------------------------------------------------------------------------ evaluation
 
@@ -277,6 +295,8 @@ class Bench:
             "--random-tokens", "400", "--max-length", "64" if self.smoke else str(self.args.max_length),
             "--lr", "3e-4", "--max-steps", str(self.args.steps), "--report", str(report),
         ] + options
+        if self.args.pad_to_multiple_of is not None:
+            command += ["--pad-to-multiple-of", str(self.args.pad_to_multiple_of)]
         report.unlink(missing_ok=True)  # a report of an earlier call would look like this run's
         self.run(name, command, self.timeout, gpus, report=report)
         self.merge_report(name, report)
@@ -479,12 +499,14 @@ def summarise(results: dict[str, Any]) -> None:
     """Loss differences against the one-GPU run, resume continuity, scaling."""
     phases = results["phases"]
     summary: dict[str, Any] = {}
-    reference = phases.get("single", {}).get("losses")
-    for name in ("ddp", "fsdp2", "fsdp2_ac", "fsdp2_padded"):
-        losses = phases.get(name, {}).get("losses")
-        if reference and losses:
-            diffs = [abs(a - b) for a, b in zip(losses, reference)]
-            summary[f"{name}_vs_single"] = {"max_abs": max(diffs), "first": diffs[0], "steps": len(diffs)}
+    for reference, names in (("single", ("ddp", "fsdp2", "fsdp2_ac", "fsdp2_padded")),
+                             ("fsdp2", ("fsdp2_ac", "fsdp2_padded")), ("single_fla", ("ddp_fla",))):
+        expected = phases.get(reference, {}).get("losses")
+        for name in names:
+            losses = phases.get(name, {}).get("losses")
+            if expected and losses:
+                diffs = [abs(a - b) for a, b in zip(losses, expected)]
+                summary[f"{name}_vs_{reference}"] = {"max_abs": max(diffs), "first": diffs[0], "steps": len(diffs)}
     resumed, full = phases.get("fsdp2_resume", {}), phases.get("fsdp2", {}).get("losses")
     if resumed.get("losses") and full:
         tail = full[resumed["first_step"]:]

@@ -116,3 +116,39 @@ def test_a_run_that_hangs_after_its_report_is_killed(tmp_path, monkeypatch):
     assert code == "killed: still running 1 s after writing its report"
     assert (tmp_path / "hang.log").read_text() == "wrote\n"
     assert json.loads((tmp_path / "results.json").read_text())["phases"]["hang"]["exit"] == code
+
+
+def _finetune_options(argv: list[str], tmp_path: Path, phases: tuple[str, ...]) -> dict[str, list[str]]:
+    """The finetune.py command line of each phase, as `Bench` would run it."""
+    bench = bench_distributed.Bench(bench_distributed.parse_args(["--output-dir", str(tmp_path), *argv]))
+    commands: dict[str, list[str]] = {}
+    bench.run = lambda name, command, *args, **kwargs: commands.setdefault(name, command) and 0
+    for name in phases:
+        getattr(bench, name)()
+    return commands
+
+
+def _option(command: list[str], flag: str) -> str:
+    return command[len(command) - 1 - command[::-1].index(flag) + 1]  # the last one wins in argparse
+
+
+@pytest.mark.parametrize("accumulates", [False, True])
+def test_one_gpu_runs_see_the_global_batch(tmp_path, accumulates):
+    argv = ["--docs-per-gpu", "3", "--accumulation", "2", "--fla-steps", "5", "--pad-to-multiple-of", "1024"]
+    commands = _finetune_options(argv + (["--single-accumulates"] if accumulates else []), tmp_path,
+                                 ("single", "ddp", "fsdp2_ac", "single_fla", "ddp_fla"))
+    for name in ("ddp", "fsdp2_ac", "ddp_fla"):
+        assert (_option(commands[name], "--batch-size"), _option(commands[name], "--accumulation")) == ("3", "2")
+    for name in ("single", "single_fla"):  # 2 GPUs x 3 documents x 2 micro-batches, on one GPU
+        expected = ("3", "4") if accumulates else ("6", "2")
+        assert (_option(commands[name], "--batch-size"), _option(commands[name], "--accumulation")) == expected
+    assert _option(commands["single_fla"], "--max-steps") == _option(commands["ddp_fla"], "--max-steps") == "5"
+    finetune_runs = [command for name, command in commands.items() if name != "memory"]  # memory runs beside single
+    assert len(finetune_runs) == 5
+    assert {_option(command, "--pad-to-multiple-of") for command in finetune_runs} == {"1024"}
+
+
+def test_counts_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        bench_distributed.parse_args(["--output-dir", "x", "--accumulation", "0"])
+    assert "--accumulation must be at least 1, got 0" in capsys.readouterr().err

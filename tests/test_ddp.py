@@ -6,6 +6,8 @@ import datetime
 import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +48,9 @@ def _joined(rank: int, worker: Callable[..., None], port: int, world_size: int, 
         dist.destroy_process_group()
 
 
+DDP_OPTIONS = ["--cpu", "--max-steps", "3", "--batch-size", "2", "--max-length", "32", "--lr", "1e-2"]
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     """One process of the group, as torchrun / accelerate launch would start it."""
     import importlib.util
@@ -57,10 +62,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     spec = importlib.util.spec_from_file_location("finetune_example", EXAMPLE)
     finetune = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(finetune)
-    result = finetune.main([
-        "--cpu", "--max-steps", "3", "--accumulation", "2", "--batch-size", "2", "--max-length", "32",
-        "--lr", "1e-2", "--check-replicas", "--output-dir", str(Path(out) / "model"),
-    ])
+    result = finetune.main(DDP_OPTIONS + ["--accumulation", "2", "--check-replicas", "--output-dir",
+                                          str(Path(out) / "model")])
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -81,6 +84,13 @@ def test_ddp_two_processes_keep_replicas_equal(tmp_path):
     moved = [n for n, p in trained.state_dict().items() if not torch.equal(p, initial.state_dict()[n])]
     assert len(moved) > 20  # the step changed the weights (saved from rank 0 into a staged folder)
     assert not list(tmp_path.glob(".model.*"))  # no staging leftovers
+
+    # one process accumulating both processes' micro-batches sees the same global batch (the one-GPU reference of
+    # benchmarks/bench_distributed.py --single-accumulates): the same losses, up to the order of the float sums
+    single = tmp_path / "single.json"
+    subprocess.run([sys.executable, str(EXAMPLE), *DDP_OPTIONS, "--accumulation", "4", "--no-save", "--report",
+                    str(single)], check=True, capture_output=True, text=True, timeout=300)
+    assert json.loads(single.read_text())["losses"] == pytest.approx(results[0]["losses"], rel=1e-5)
 
 
 def _moe_worker(rank: int, out: str, checkpointing: bool) -> None:
