@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.no_packing:  # counted first: the padding document is not part of the data
             group = [pad_packed_row(batch, args.pad_to_multiple_of, pad_token_id) for batch in group]
         local_targets = sum(count_targets(batch) for batch in group).to(accelerator.device)
-        total_targets = accelerator.gather(local_targets.reshape(1)).sum()
+        # one collective for both counts: every process's targets (the loss divisor) and tokens (the throughput)
+        counts = accelerator.gather(torch.stack([local_targets, torch.tensor(step_tokens, device=accelerator.device)]))
+        total_targets, global_tokens = counts[0::2].sum(), counts[1::2].sum()
         step_loss = 0.0
         for i, batch in enumerate(group):
             # gradients are all-reduced once per step, on the last micro-batch
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         losses.append(accelerator.reduce(step_loss, reduction="sum").item())  # synchronises the device
         if step - first_step >= 2:  # the first steps compile kernels and warm the allocator
             timed_seconds += time.perf_counter() - started
-            timed_tokens += step_tokens * accelerator.num_processes
+            timed_tokens += int(global_tokens)  # after the loss's .item(): no extra synchronisation
         if accelerator.is_main_process and (step % 5 == 0 or step == args.max_steps - 1):
             print(f"step {step + 1:3d}/{args.max_steps}  loss {losses[-1]:.4f}  ppl {math.exp(min(losses[-1], 20)):.1f}")
         if args.save_every and (step + 1) % args.save_every == 0:
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result: dict[str, Any] = {"losses": losses, "processes": accelerator.num_processes, "first_step": first_step}
     if timed_seconds:
-        result["timed_tokens"] = timed_tokens  # documents' tokens of the timed steps, padding left out
+        result["timed_tokens"] = timed_tokens  # documents' tokens of the timed steps on all processes, padding left out
         result["tokens_per_second"] = timed_tokens / timed_seconds
     if accelerator.device.type == "cuda":
         peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=accelerator.device)
