@@ -1,8 +1,10 @@
 """FSDP2 (`fully_shard` per decoder layer, then the root: what accelerate's FSDP2 config does) on two CPU processes
 over gloo: steps equal one process with the same global batch, a sharded checkpoint resumes as if never stopped and
-consolidates (`m2rnn.apps.distributed`) into a Hub folder that loads with and without the package, and packed batches
-give the padded loss."""
+consolidates (`m2rnn.apps.distributed`) into a Hub folder that loads with and without the package, packed batches
+give the padded loss, and activation checkpointing as accelerate's FSDP2 config applies it
+(`fsdp_activation_checkpointing: true`) gives the same steps."""
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -15,6 +17,7 @@ from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 from m2rnn import M2RNNConfig, M2RNNForCausalLM
 from m2rnn.apps.distributed import SHARDED_MODEL_FOLDER, SHARDED_MODEL_KEY, consolidate_checkpoint
 from m2rnn.apps.hub import load_without_package
+from m2rnn.modeling_m2rnn import M2RNNDecoderLayer
 from test_ddp import WORLD_SIZE, spawn
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
@@ -71,6 +74,18 @@ def _sharded(model):
     return fully_shard(model)
 
 
+def _checkpointed(model):
+    """Every decoder layer recomputed in backward, wrapped as accelerate does under `fsdp_activation_checkpointing`."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper,
+    )
+
+    wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper,
+                                   check_fn=lambda module: isinstance(module, M2RNNDecoderLayer))
+    return model
+
+
 def _worker(rank: int, out: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -107,6 +122,12 @@ def _worker(rank: int, out: str) -> None:
                                       packed)
     resumed_final = {name: value.full_tensor() for name, value in resumed.state_dict().items()}
     result["resumed_equal"] = all(torch.equal(resumed_final[name], value) for name, value in final.items())
+
+    checkpointed = _checkpointed(_model())
+    result["checkpoint_wrapped_layers"] = sum(type(m).__name__ == "CheckpointWrapper" for m in checkpointed.modules())
+    checkpointed = _sharded(checkpointed)
+    result["checkpointed_losses"] = _train(checkpointed, _optimizer(checkpointed), batches, slice(0, STEPS), rank,
+                                           WORLD_SIZE, packed)
     if rank == 0:
         torch.save(final, out / "final.pt")
     (out / f"rank{rank}.json").write_text(json.dumps(result))
@@ -143,6 +164,14 @@ def test_fsdp2_packed_loss_equals_padded(fsdp_run):
     _, results = fsdp_run
     for result in results:
         assert result["packed_loss"] == pytest.approx(result["padded_loss"], rel=1e-5)
+
+
+def test_fsdp2_activation_checkpointing_gives_the_same_steps(fsdp_run):
+    _, results = fsdp_run
+    layers = M2RNNConfig.from_preset("tiny").num_hidden_layers
+    for result in results:
+        assert result["checkpoint_wrapped_layers"] == layers
+        assert result["checkpointed_losses"] == pytest.approx(result["losses"], rel=1e-6)
 
 
 def test_sharded_checkpoint_consolidates_to_a_hub_folder(fsdp_run, tmp_path):
