@@ -33,7 +33,7 @@ phases in the order given. Phases (default order):
   generations); per-document log-likelihoods (matched by doc id), generations and metrics compared;
 - eval_dp: `m2rnn eval niah FOLDER --tasks single_1 --lengths 512 --limit 8` in one process and under the same launch
   on two; the results files compared field by field.
-The evaluation phases load the consolidated folder when it exists, else a fresh PRESET model (seed 0) saved into
+The evaluation phases load the consolidated folder when it exists, else a fresh --preset model (seed 0) saved into
 OUT/eval-model, with the byte-level tokenizer added where there is none.
 
 bf16 mixed precision (fp32 master weights), Triton M2RNN kernels, sdpa attention; GDN layers train on the
@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="tiny preset on CPU: checks the plumbing only")
+    parser.add_argument("--preset", help=f"the model trained and evaluated (default: {PRESET}, tiny with --smoke); "
+                        f"the MoE phases take the 2-layer cut of {MOE_PRESET}, or tiny (4 experts) with tiny")
     parser.add_argument("--phases", help="comma-separated phases, run in the order given (default: all but "
                         f"{' and '.join(FLA_PHASES)}, in this order: {','.join(PHASES)}); memory runs beside single")
     parser.add_argument("--steps", type=int, default=20)
@@ -101,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "phases: the one-GPU and DDP timings again with fla's GDN backward guard lifted (timing only: "
                         "its gradients are wrong)")
     args = parser.parse_args(argv)
+    args.preset = args.preset or ("tiny" if args.smoke else PRESET)
+    from m2rnn import M2RNNConfig
+
+    if args.preset not in M2RNNConfig.preset_names():
+        parser.error(f"--preset: unknown preset {args.preset!r}; presets: {', '.join(M2RNNConfig.preset_names())}")
     for option in ("steps", "max_length", "docs_per_gpu", "accumulation", "fla_steps", "pad_to_multiple_of"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
@@ -127,7 +134,9 @@ class Bench:
         self.lock = threading.Lock()
         self.deadline = time.monotonic() + args.budget
         self.py = [sys.executable]
-        self.two = self.py + ["-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file"]
+        # --smoke: float32 everywhere (the launch configs ask for bf16, which the one-process runs would not get)
+        precision = ["--mixed_precision", "no"] if self.smoke else []
+        self.two = self.py + ["-m", "accelerate.commands.launch", "--num_processes", "2", *precision, "--config_file"]
         self.bf16 = [] if self.smoke else ["--bf16"]
         self.timeout = 300 if self.smoke else 600
         self.docs = str(args.docs_per_gpu)
@@ -162,7 +171,7 @@ class Bench:
         self.finetune("ddp", self.two + [str(DDP_YAML)], self.per_gpu + ["--no-save", "--check-replicas"] + self.bf16)
 
     def moe_ddp(self, name: str = "moe_ddp", extra: tuple[str, ...] = ()) -> None:
-        moe = ["--preset", "tiny"] if self.smoke else ["--preset", MOE_PRESET, "--layers", "2"]
+        moe = ["--preset", "tiny"] if self.args.preset == "tiny" else ["--preset", MOE_PRESET, "--layers", "2"]
         self.finetune(name, self.two + [str(DDP_YAML)], ["--batch-size", "1", "--no-save", "--check-replicas",
                                                          "--max-steps", "3", *extra] + self.bf16, model=moe)
 
@@ -277,7 +286,7 @@ class Bench:
             self._eval_model_prepared = True
             folder = self.consolidated if (self.consolidated / "config.json").is_file() else self.out / "eval-model"
             code = self.run("eval_model", self.py + [__file__, "--output-dir", str(self.out), "--prepare-eval-model",
-                                                     str(folder)] + self._smoke_flag(), self.timeout)
+                                                     str(folder), "--preset", self.args.preset], self.timeout)
             self._eval_model = folder if code == 0 else None
         return self._eval_model
 
@@ -287,7 +296,7 @@ class Bench:
                  model: list[str] | None = None, fla_unguarded: bool = False) -> None:
         """One `finetune.py` run; its report (losses, tokens/s, peak memory) goes into results[name]."""
         report = self.out / f"{name}.json"
-        model = model or (["--preset", "tiny"] if self.smoke else ["--preset", PRESET])
+        model = model or ["--preset", self.args.preset]
         script = [str(FINETUNE)]
         if fla_unguarded:
             script = [str(Path(__file__).resolve()), "--worker"]
@@ -540,7 +549,7 @@ if __name__ == "__main__":
         memory_probe("--smoke" in sys.argv, out / "memory.json")
     elif "--prepare-eval-model" in sys.argv:
         print(prepare_model(Path(sys.argv[sys.argv.index("--prepare-eval-model") + 1]),
-                            "tiny" if "--smoke" in sys.argv else PRESET), flush=True)
+                            sys.argv[sys.argv.index("--preset") + 1]), flush=True)
     elif "--check-consolidated" in sys.argv:
         i = sys.argv.index("--check-consolidated")
         out = Path(sys.argv[sys.argv.index("--output-dir") + 1])
