@@ -45,6 +45,7 @@ run of lm_eval_dp checks the plumbing and the comparison, not the split.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import shlex
@@ -398,11 +399,23 @@ def environment() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__}
-    for name in ("triton", "transformers", "accelerate", "liger_kernel", "fla"):
+    # module -> distributions that install it (liger_kernel has no __version__; fla comes as fla-core)
+    for name, distributions in (("triton", ["triton"]), ("transformers", ["transformers"]),
+                                ("accelerate", ["accelerate"]), ("liger_kernel", ["liger-kernel"]),
+                                ("fla", ["fla-core", "flash-linear-attention"])):
         try:
-            info[name] = __import__(name).__version__
-        except Exception as error:  # not installed, or no version
+            __import__(name)
+        except Exception as error:  # not installed, or broken
             info[name] = f"missing ({type(error).__name__})"
+            continue
+        for distribution in distributions:
+            try:
+                info[name] = importlib.metadata.version(distribution)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        else:
+            info[name] = getattr(sys.modules[name], "__version__", "unknown")
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info

@@ -1,6 +1,7 @@
 """`benchmarks/bench_distributed.py`'s pure parts: the phase order of `--phases`, and the comparison of a one-process
 lm-eval run with a data-parallel one (documents matched by doc id, lm-eval's sample format, its output folders)."""
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -192,3 +193,11 @@ def test_training_and_evaluation_phases_end_to_end(tmp_path, device):
     assert check["device"].startswith(device)
     if device == "cuda":
         assert summary["eval_dp_vs_one_process"]["equal"]
+
+
+def test_environment_names_the_versions_installed():
+    """liger-kernel has no `__version__`: its version comes from the installed distribution."""
+    info = bench_distributed.environment()
+    assert info["transformers"] == __import__("transformers").__version__
+    liger = pytest.importorskip("liger_kernel")
+    assert info["liger_kernel"] == importlib.metadata.version("liger-kernel"), liger
