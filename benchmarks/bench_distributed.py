@@ -89,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=4096, help="documents of max/2 to max random tokens")
     parser.add_argument("--docs-per-gpu", type=int, default=2, help="documents per GPU and micro-batch (the one-GPU "
-                        "run takes twice as many: the same global batch)")
+                        "run takes twice as many per micro-batch, or twice the micro-batches with --single-accumulates: "
+                        "the same global batch)")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per GPU and optimizer step")
     parser.add_argument("--single-accumulates", action="store_true", help="the one-GPU runs (single, single_fla) "
                         "reach the global batch by accumulating twice as many micro-batches of DOCS_PER_GPU, instead "

@@ -158,7 +158,7 @@ def test_counts_must_be_positive(capsys):
 
 two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 GPU_PHASES = "single,ddp,fsdp2,fsdp2_resume,consolidate_check,fsdp2_ac,fsdp2_padded,moe_ddp,moe_ddp_gc,eval_dp"
-CPU_PHASES = "single,ddp,fsdp2,fsdp2_resume,consolidate_check"  # the rest: test_ddp, test_fsdp, test_eval_distributed
+CPU_PHASES = "single,ddp,fsdp2,consolidate_check"  # the rest: test_ddp, test_fsdp, test_eval_distributed
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, two_gpus])])
@@ -168,30 +168,31 @@ def test_training_and_evaluation_phases_end_to_end(tmp_path, device):
     same micro-batches, MoE under plain DDP with and without checkpointing, niah split across two processes. On CPU
     (float32, gloo) the script's plumbing with the phases the other CPU tests do not run through it."""
     phases = CPU_PHASES if device == "cpu" else GPU_PHASES
+    steps = 4 if device == "cpu" else 6
     argv = ["--output-dir", str(tmp_path), "--phases", phases, "--single-accumulates", "--docs-per-gpu", "1",
-            "--steps", "6"]
+            "--steps", str(steps)]
     argv += ["--smoke"] if device == "cpu" else ["--preset", "tiny", "--max-length", "256"]
     results = bench_distributed.main(argv)
     ran, summary = results["phases"], results["summary"]
-    # a launch whose processes linger in the process group's teardown after the report (seen once in ~10 CPU runs)
-    # is killed by the script and counts: everything checked below comes from its report
-    lingered = "killed: still running"
-    exits = {name: entry["exit"] for name, entry in ran.items() if "exit" in entry}
-    assert all(code == 0 or str(code).startswith(lingered) for code in exits.values()), exits
-    assert all(code == 0 for name, code in exits.items() if not name.endswith(("ddp", "fsdp2", "fsdp2_resume",
-                                                                                "fsdp2_ac", "fsdp2_padded", "gc"))), exits
+    # a two-process launch whose processes linger in the process group's teardown after writing the report (seen
+    # once in ~10 CPU runs) is killed by the script and counts: everything checked below comes from its report
+    for name, entry in ran.items():
+        if "exit" in entry:
+            launched = "accelerate.commands.launch" in entry["command"]
+            lingered = launched and str(entry["exit"]).startswith("killed: still running")
+            assert entry["exit"] == 0 or lingered, (name, entry["exit"])
     assert all(ran[name]["replicas_equal"] for name in ("ddp", "moe_ddp", "moe_ddp_gc") if name in phases.split(","))
     # the same rows on both sides: float32 on CPU agrees to rounding; on the GPU bf16 autocast, and FSDP2 logs its
     # loss in bf16 (spacing 0.03125 near the tiny model's 5.6)
     close, bf16_step = (1e-6, 1e-4) if device == "cpu" else (2e-2, 0.04)
     assert summary["ddp_vs_single"]["first"] <= close
     for name in ("fsdp2_vs_single", "fsdp2_ac_vs_fsdp2", "fsdp2_padded_vs_fsdp2")[:1 if device == "cpu" else 3]:
-        assert summary[name]["steps"] == 6 and summary[name]["max_abs"] <= bf16_step, name
-    assert summary["resume_vs_uninterrupted_max_abs"] == 0.0
+        assert summary[name]["steps"] == steps and summary[name]["max_abs"] <= bf16_step, name
     check = ran["consolidate_check"]
     assert check["weights_equal_final_save"] and check["no_package_max_abs_diff"] < 1e-4
     assert check["device"].startswith(device)
     if device == "cuda":
+        assert summary["resume_vs_uninterrupted_max_abs"] == 0.0
         assert summary["eval_dp_vs_one_process"]["equal"]
 
 
