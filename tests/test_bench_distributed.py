@@ -124,7 +124,12 @@ def _finetune_options(argv: list[str], tmp_path: Path, phases: tuple[str, ...]) 
     """The finetune.py command line of each phase, as `Bench` would run it."""
     bench = bench_distributed.Bench(bench_distributed.parse_args(["--output-dir", str(tmp_path), *argv]))
     commands: dict[str, list[str]] = {}
-    bench.run = lambda name, command, *args, **kwargs: commands.setdefault(name, command) and 0
+
+    def record(name: str, command: list[str], *args, **kwargs) -> int:  # instead of running it
+        commands[name] = command
+        return 0
+
+    bench.run = record
     for name in phases:
         getattr(bench, name)()
     return commands
