@@ -16,12 +16,16 @@ class M2RNNTritonConfig:
         half_precision_state_dot: run H @ W with float16 operands (float32 accumulation) for 16-bit inputs; the
             carried state stays float32. |H| ≤ max(1, |H_0|), so float16 keeps tf32's 10-bit mantissa.
         loop_unroll: unroll factor of the sequential loops.
+        cuda_kernels: run the CUDA kernels (`cuda_forward.cu`, compiled at run time with NVRTC) where they cover
+            the case (16-bit inputs, K and V multiples of 16; `cuda_kernels.cuda_forward_covers`), the Triton
+            kernels elsewhere. `m2rnn_recurrence(backend="cuda")` sets it.
     """
 
     checkpoint_interval: int = 64
     block_k: int | None = None
     half_precision_state_dot: bool = False
     loop_unroll: int = 1
+    cuda_kernels: bool = False
 
     def __post_init__(self):
         if self.checkpoint_interval < 1:

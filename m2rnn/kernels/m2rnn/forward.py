@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .cuda_kernels import cuda_forward, cuda_forward_covers
 from .triton_common import _Layout, _autotune_configs, _load_step_inputs, _recurrence_step, _sequence_bounds
 
 @triton.autotune(configs=_autotune_configs(), key=["BLOCK_K", "BLOCK_V", "work_bucket", "STORE_CHECKPOINTS"])
@@ -85,7 +86,11 @@ def _m2rnn_fwd_kernel(
 
 
 def _forward(layout: _Layout, q, k, v, weight, forget, initial_state, store_checkpoints: bool):
-    """Launch the forward kernel on token-major inputs; returns y (T, N, V), final state, checkpoints."""
+    """Launch the forward kernel on token-major inputs; returns y (T, N, V), final state, checkpoints.
+
+    With `config.cuda_kernels` the CUDA kernel runs where it covers the case (same outputs, same checkpoints)."""
+    if layout.config.cuda_kernels and cuda_forward_covers(q, layout.key_dim, layout.value_dim, layout.config):
+        return cuda_forward(layout, q, k, v, weight, forget, initial_state, store_checkpoints)
     device, heads, value_dim = q.device, layout.heads, layout.value_dim
     y_dtype = q.dtype if layout.k_blocks == 1 else torch.float32
     y = torch.empty(layout.k_blocks, layout.tokens, heads, value_dim, dtype=y_dtype, device=device)

@@ -1,7 +1,8 @@
 """The M2RNN recurrence op: `m2rnn_recurrence` / `m2rnn_decode_step` validate the inputs, pick a backend and run it.
 
-Backends: ``"torch"`` (`reference.py`, any device) and ``"triton"`` (`forward.py`, `backward.py`, `decode.py`;
-CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``).
+Backends: ``"torch"`` (`reference.py`, any device), ``"triton"`` (`forward.py`, `backward.py`, `decode.py`;
+CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``) and ``"cuda"``: the Triton backend with the CUDA
+forward (`cuda_forward.cu`, compiled at run time by NVRTC) where it covers the case (`cuda_kernels.py`).
 
 While `torch.compile` traces, the Triton backend is called through `torch.library` custom ops (`m2rnn::*`,
 registered below around the forward/backward pair of `autograd.py`, which share the float32 checkpoints as the
@@ -27,11 +28,15 @@ try:  # triton is optional: the CPU wheel of torch does not bring it
         m2rnn_recurrence_triton_forward,
     )
     from .decode import m2rnn_decode_step_triton
+    from .cuda_runtime import cuda_kernels_available
     from .triton_common import checkpoints_shape
 except ImportError:  # pragma: no cover - depends on the environment
     m2rnn_recurrence_triton = m2rnn_decode_step_triton = None
 
-BACKENDS = ("torch", "triton")
+    def cuda_kernels_available() -> bool:
+        return False
+
+BACKENDS = ("torch", "triton", "cuda")
 
 
 def _triton_runs_on(device: torch.device) -> bool:
@@ -62,7 +67,9 @@ def m2rnn_recurrence(
         initial_state: ``(B, N, K, V)``, one per sequence; zeros when None.
         cu_seqlens: 1-D int32 boundaries of packed sequences on the inputs' device: 0, ..., T, never decreasing.
         gradient_clipping: clamp the recurrent carry ∂L/∂H_t to [-c, c] in the backward pass; None or c > 0.
-        backend: ``"torch"``, ``"triton"`` or None for the best available on the inputs' device.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` (the Triton backend with the CUDA forward kernel where it
+            covers the case: 16-bit inputs, K and V multiples of 16) or None for the best available on the
+            inputs' device.
         triton_config: launch knobs of the Triton kernels (`M2RNNTritonConfig`); the default suits training.
         check_values: read `cu_seqlens` and `forget` to check their values (a host sync on CUDA). Callers that
             produce valid values themselves (the model: gates from its own activation, boundaries checked once
@@ -81,7 +88,10 @@ def m2rnn_recurrence(
     check_gradient_clipping(gradient_clipping, op)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, q.shape[0], q.device, op, check_values)
-    if _resolve_backend(backend, q.device, op) == "triton":
+    resolved = _resolve_backend(backend, q.device, op)
+    if resolved == "cuda":
+        triton_config = dataclasses.replace(triton_config, cuda_kernels=True)
+    if resolved in ("triton", "cuda"):
         if torch.compiler.is_compiling():
             return _recurrence_op(q, k, v, weight, forget, initial_state, cu_seqlens, gradient_clipping,
                                   triton_config)
@@ -129,7 +139,7 @@ def m2rnn_decode_step(
 
     q (B, Nq, K), k (B, Nk, K), v (B, Nv, V), forget (B, Nf). No host sync, so it can be captured in a CUDA graph.
     """
-    if _resolve_backend(backend, q.device, "m2rnn_decode_step") == "triton":
+    if _resolve_backend(backend, q.device, "m2rnn_decode_step") in ("triton", "cuda"):  # one decode kernel
         if torch.compiler.is_compiling():
             return torch.ops.m2rnn.decode_step_triton(q, k, v, weight, forget, state)
         return m2rnn_decode_step_triton(q, k, v, weight, forget, state)
@@ -146,6 +156,11 @@ def _resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
         raise RuntimeError(
             f"{op}: backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
             f"inputs are on {device}, the triton kernels {'are' if m2rnn_recurrence_triton else 'are not'} importable"
+        )
+    if backend == "cuda" and not (device.type == "cuda" and _triton_runs_on(device) and cuda_kernels_available()):
+        raise RuntimeError(
+            f"{op}: backend='cuda' needs a CUDA device, triton and NVRTC (torch's CUDA wheels bring it); "
+            f"inputs are on {device}"
         )
     return backend
 

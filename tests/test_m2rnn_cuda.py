@@ -1,0 +1,152 @@
+"""CUDA M2RNN kernels (`m2rnn/kernels/m2rnn/cuda_forward.cu`, backend "cuda") against the torch reference.
+
+The kernels need an NVIDIA GPU (NVRTC compiles them at run time): the numerical tests are marked `gpu`. The launch
+shape choice and the dispatch rules are host code and run everywhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from m2rnn.kernels import M2RNNTritonConfig, m2rnn_recurrence_torch
+from m2rnn.kernels.m2rnn import cuda_kernels, cuda_runtime
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+H100_SMS = 132
+
+
+@pytest.mark.parametrize(
+    ("batch_heads", "key_dim", "value_dim", "tiles"),
+    [
+        (8 * 84, 64, 16, 2),  # 400M training: 1,344 warps, 3 per scheduler, 2 tiles each (6) beats 2 x 4 (8)
+        (4 * 132, 64, 16, 4),  # 7B training: 528 warps of 4 tiles, one per scheduler
+        (1 * 84, 64, 16, 1),  # batch-1 prefill: one tile per warp, 336 warps
+        (8 * 84, 64, 32, 2),  # V = 32: at most 64 state columns per thread row (registers)
+        (2, 48, 16, 1),  # K = 48: 3 tiles, only 1 divides
+    ],
+)
+def test_tiles_per_warp_from_the_busiest_scheduler(batch_heads, key_dim, value_dim, tiles):
+    assert cuda_kernels.tiles_per_warp(batch_heads, key_dim, value_dim, H100_SMS, M2RNNTritonConfig()) == tiles
+
+
+def test_block_k_pins_the_rows_per_warp():
+    config = M2RNNTritonConfig(block_k=64)
+    assert cuda_kernels.tiles_per_warp(84, 64, 16, H100_SMS, config) == 4
+
+
+def test_compile_options_name_every_define_in_a_stable_order():
+    options = cuda_runtime.compile_options({"M2_V": 16, "M2_BF16": True, "M2_TILES": 2}, "sm_90")
+    assert options == ("--gpu-architecture=sm_90", "--std=c++17", "-DM2_BF16=1", "-DM2_TILES=2", "-DM2_V=16")
+
+
+def test_cuda_forward_does_not_cover_float32_or_cpu_inputs():
+    config = M2RNNTritonConfig()
+    assert not cuda_kernels.cuda_forward_covers(torch.zeros(1, dtype=torch.bfloat16), 64, 16, config)  # on CPU
+    if torch.cuda.is_available():
+        assert not cuda_kernels.cuda_forward_covers(torch.zeros(1, device="cuda"), 64, 16, config)  # float32
+        half = torch.zeros(1, device="cuda", dtype=torch.float16)
+        assert not cuda_kernels.cuda_forward_covers(half, 40, 16, config)  # K not a multiple of 16
+        assert not cuda_kernels.cuda_forward_covers(half, 64, 16, M2RNNTritonConfig(checkpoint_interval=8))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU only
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _inputs(batch, seqlen, heads, key_dim, value_dim, groups, dtype, packed=False, gate_dtype=None, seed=0):
+    nq, nk, nv, nf, nw = groups
+    g = torch.Generator().manual_seed(seed)
+    lead = (batch * seqlen,) if packed else (batch, seqlen)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to("cuda", dtype)
+
+    q = rand(*lead, nq, key_dim, scale=key_dim**-0.5)
+    k = rand(*lead, nk, key_dim, scale=0.5)
+    v = rand(*lead, nv, value_dim, scale=0.5)
+    w = (0.3 * torch.eye(value_dim) + 0.3 * torch.randn(nw, value_dim, value_dim, generator=g) / value_dim**0.5)
+    f = torch.sigmoid(torch.randn(*lead, nf, generator=g) + 1.5)
+    h0 = torch.randn(batch, heads, key_dim, value_dim, generator=g) * 0.3
+    return [q, k, v, w.to("cuda", dtype), f.to("cuda", gate_dtype or dtype), h0.to("cuda")]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+CASES = {
+    # name: (batch, seqlen, heads, K, V, (Nq, Nk, Nv, Nf, Nw), dtype, gate dtype, with h0, block_k)
+    "400M layout, 2 tiles": (4, 300, 84, 64, 16, (1, 1, 84, 84, 84), torch.bfloat16, None, True, None),
+    "one tile, K split in 4": (1, 77, 6, 64, 16, (1, 1, 6, 6, 6), torch.bfloat16, None, False, 16),
+    "four tiles, float16, float32 gates": (2, 130, 8, 64, 16, (2, 4, 8, 8, 8), torch.float16, torch.float32, True,
+                                           64),
+    "V = 32, grouped W and gates": (2, 50, 4, 32, 32, (1, 2, 4, 2, 1), torch.bfloat16, None, True, None),
+    "V = 64, K = 128": (1, 40, 2, 128, 64, (1, 1, 2, 2, 2), torch.bfloat16, None, True, None),
+}
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_forward_matches_reference(case):
+    batch, seqlen, heads, key_dim, value_dim, groups, dtype, gate_dtype, with_h0, block_k = CASES[case]
+    inputs = _inputs(batch, seqlen, heads, key_dim, value_dim, groups, dtype, gate_dtype=gate_dtype)
+    if not with_h0:
+        inputs[-1] = None
+    config = M2RNNTritonConfig(block_k=block_k)
+    from m2rnn.kernels import m2rnn_recurrence
+
+    with torch.no_grad():
+        y, ht = m2rnn_recurrence(*inputs, backend="cuda", triton_config=config)
+        y_triton, ht_triton = m2rnn_recurrence(*inputs, backend="triton")
+        y_ref, ht_ref = m2rnn_recurrence_torch(*[x.double() if x is not None else None for x in inputs])
+    assert y.dtype == dtype and ht.dtype == torch.float32
+    # 16-bit H @ W operands and tanh.approx, as the Triton kernels for 16-bit inputs: errors of their size
+    assert _rel(y, y_ref) < 2e-2 and _rel(ht, ht_ref) < 2e-2, (case, _rel(y, y_ref), _rel(ht, ht_ref))
+    assert _rel(y, y_triton) < 2e-2 and _rel(ht, ht_triton) < 2e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_cuda_backend_trains_like_reference_real_shape(clip):
+    """bf16 at the paper's head layout through the public op with backend="cuda", gradients included (the
+    backward starts from the CUDA forward's checkpoints)."""
+    from m2rnn.kernels import m2rnn_recurrence
+
+    inputs = _inputs(2, 1000, 84, 64, 16, (1, 1, 84, 84, 84), torch.bfloat16)
+    got = _grads(lambda *x: m2rnn_recurrence(*x, gradient_clipping=clip, backend="cuda"), inputs)
+    want = _grads(lambda *x: m2rnn_recurrence_torch(*x, gradient_clipping=clip), [x.float() for x in inputs])
+    errors = {name: _rel(a, b) for name, a, b in zip(("y", "ht", "dq", "dk", "dv", "dw", "df", "dh0"), got, want)}
+    assert max(errors.values()) < 3e-2, errors
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_backend_packed_documents():
+    """Packed documents (one empty, one of a single token) through the public op with backend="cuda"."""
+    from m2rnn.kernels import m2rnn_recurrence
+
+    cu_seqlens = torch.tensor([0, 700, 701, 701, 1001], dtype=torch.int32, device="cuda")
+    inputs = _inputs(1, 1001, 84, 64, 16, (1, 1, 84, 84, 84), torch.bfloat16, packed=True)
+    inputs[-1] = (torch.randn(4, 84, 64, 16) * 0.3).to("cuda")
+    got = _grads(lambda *x: m2rnn_recurrence(*x, cu_seqlens=cu_seqlens, gradient_clipping=1.0, backend="cuda"),
+                 inputs)
+    want = _grads(lambda *x: m2rnn_recurrence_torch(*x, cu_seqlens=cu_seqlens, gradient_clipping=1.0),
+                  [x.float() for x in inputs])
+    errors = {name: _rel(a, b) for name, a, b in zip(("y", "ht", "dq", "dk", "dv", "dw", "df", "dh0"), got, want)}
+    assert max(errors.values()) < 3e-2, errors
+    torch.testing.assert_close(got[1][2], inputs[-1][2])  # the empty document keeps its initial state
+
+
+def _grads(fn, inputs):
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    y, ht = fn(*inputs)
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(y.shape, generator=g).to(y.device)
+    dht = torch.randn(ht.shape, generator=g).to(ht.device)
+    loss = (y.double() * dy).sum() + (ht.double() * dht).sum()
+    return [y.detach(), ht.detach(), *torch.autograd.grad(loss, inputs)]
