@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import _Layout, _autotune_configs, _load_step_inputs, _recurrence_step, _sequence_bounds, _sum_groups
+from .cuda_kernels import cuda_backward, cuda_backward_covers
+from .triton_common import _Layout, _autotune_configs, _load_step_inputs, _recurrence_step, _sequence_bounds, reduce_partials
 
 @triton.autotune(configs=_autotune_configs(), key=["BLOCK_K", "BLOCK_V", "work_bucket", "CLIP"])
 @triton.jit
@@ -135,6 +136,10 @@ def _m2rnn_bwd_kernel(
 
 
 def _backward(layout: _Layout, q, k, v, weight, forget, checkpoints, dy, d_final_state, clip, needs_dh0: bool):
+    """Gradients of (q, k, v, weight, forget, initial_state); with `config.cuda_kernels` the CUDA kernel runs where
+    it covers the case (same checkpoints, same partial layout)."""
+    if layout.config.cuda_kernels and cuda_backward_covers(q, layout.key_dim, layout.value_dim, layout.config):
+        return cuda_backward(layout, q, k, v, weight, forget, checkpoints, dy, d_final_state, clip, needs_dh0)
     device, heads, key_dim, value_dim = q.device, layout.heads, layout.key_dim, layout.value_dim
     f32 = dict(dtype=torch.float32, device=device)
     dq_heads = torch.empty(layout.tokens, heads, key_dim, **f32)
@@ -151,10 +156,4 @@ def _backward(layout: _Layout, q, k, v, weight, forget, checkpoints, dy, d_final
         layout.seqlen, layout.chunks_per_seq, layout.tokens, layout.work_bucket, float(clip or 0.0),
         HAS_DHT=d_final_state is not None, STORE_DH0=needs_dh0, CLIP=clip is not None, **layout.constexprs(),
     )
-    counts = layout.head_counts
-    dq = _sum_groups(dq_heads, counts["NQ"], 1)
-    dk = _sum_groups(dk_heads, counts["NK"], 1)
-    dv = _sum_groups(dv_parts.sum(0) if layout.k_blocks > 1 else dv_parts[0], counts["NV"], 1)
-    df = _sum_groups(df_parts.sum(0) if layout.k_blocks > 1 else df_parts[0], counts["NF"], 1)
-    dw = _sum_groups(dw_parts.sum((0, 1)), counts["NW"], 0)
-    return dq, dk, dv, dw, df, (dh0 if needs_dh0 else None)
+    return reduce_partials(layout, dq_heads, dk_heads, dv_parts, df_parts, dw_parts, dh0 if needs_dh0 else None)

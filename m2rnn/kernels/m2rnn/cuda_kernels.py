@@ -1,7 +1,8 @@
-"""Host side of the CUDA M2RNN kernels (`cuda_forward.cu`): which cases they cover, the launch shape, the launch.
+"""Host side of the CUDA M2RNN kernels (`cuda_forward.cu`, `cuda_backward.cu`): which cases they cover, the launch
+shape, the launch.
 
-They take the same token-major inputs and produce the same outputs as the Triton forward (`forward.py`), so the
-two are interchangeable under one autograd function and one checkpoint format.
+They take the same token-major inputs and produce the same outputs as the Triton kernels (`forward.py`,
+`backward.py`): one checkpoint format, one layout of gradient partials, so either pass can run on either backend.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import torch
 
 from .config import M2RNNTritonConfig
 from .cuda_runtime import LongLong, cuda_kernels_available, get_kernel
+from .triton_common import reduce_partials
 
 WARPS_PER_BLOCK = 4
-STAGE_STEPS = 16  # steps per shared-memory stage of the kernels (P in the sources)
+STAGE_STEPS = 16  # steps per shared-memory stage of the forward (P in cuda_forward.cu)
+SUB_STEPS = 8  # steps per sub-chunk of the backward (SUB in cuda_backward.cu)
 TILE_ROWS = 16  # rows of one mma tile
+# State columns a thread may carry per row (tiles · V): the register budget of each kernel.
+FORWARD_COLUMNS = 64
+BACKWARD_COLUMNS = 32
 
 
 def cuda_forward_covers(x: torch.Tensor, key_dim: int, value_dim: int, config: M2RNNTritonConfig) -> bool:
@@ -24,25 +30,31 @@ def cuda_forward_covers(x: torch.Tensor, key_dim: int, value_dim: int, config: M
     return (
         x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
         and key_dim % TILE_ROWS == 0 and key_dim <= 256
-        and value_dim % 16 == 0 and value_dim <= 64
+        and value_dim % 16 == 0 and value_dim <= FORWARD_COLUMNS
         and config.checkpoint_interval % STAGE_STEPS == 0
         and cuda_kernels_available()
     )
 
 
+def cuda_backward_covers(x: torch.Tensor, key_dim: int, value_dim: int, config: M2RNNTritonConfig) -> bool:
+    """The cases the CUDA backward handles: as the forward, with V of 16 or 32 (its registers hold dW, dH and H)."""
+    return value_dim <= BACKWARD_COLUMNS and cuda_forward_covers(x, key_dim, value_dim, config)
+
+
 def tiles_per_warp(batch_heads: int, key_dim: int, value_dim: int, multiprocessors: int,
-                   config: M2RNNTritonConfig) -> int:
+                   config: M2RNNTritonConfig, max_columns: int = FORWARD_COLUMNS) -> int:
     """16-row tiles each warp carries (1, 2 or 4: its independent chains), from the load of the busiest scheduler.
 
     Every warp of a 4-warp block sits on its own scheduler, so a launch of W warps puts ⌈W / (4 · SMs)⌉ warps on
     the busiest one. Its per-step time grows with the tiles it carries plus a per-warp overhead (the readout's
-    shuffles, the input copies) worth about half a tile. `config.block_k` pins 16 · tiles rows instead.
+    shuffles, the input copies) worth about half a tile. A thread carries at most `max_columns` state columns per
+    row (tiles · V). `config.block_k` pins 16 · tiles rows instead, within that budget.
     """
     if config.block_k is not None:
-        return config.block_k // TILE_ROWS
+        return max(1, min(config.block_k // TILE_ROWS, max_columns // value_dim))
     best_cost, best_tiles = math.inf, 1
     for tiles in (4, 2, 1):
-        if (key_dim // TILE_ROWS) % tiles or tiles * value_dim > 64:
+        if (key_dim // TILE_ROWS) % tiles or tiles * value_dim > max_columns:
             continue
         warps = batch_heads * (key_dim // (TILE_ROWS * tiles))
         cost = math.ceil(warps / (WARPS_PER_BLOCK * multiprocessors)) * (tiles + 0.5)
@@ -91,3 +103,53 @@ def cuda_forward(layout, q, k, v, weight, forget, initial_state, store_checkpoin
     )
     y = y[0] if k_blocks == 1 else y.sum(0).to(q.dtype)
     return y, final_state, (checkpoints if store_checkpoints else None)
+
+
+def _backward_shared_bytes(tiles: int, value_dim: int) -> int:
+    """Dynamic shared memory of one block of `cuda_backward.cu` (its WarpShared, per warp); the kernel traps if the
+    formula and the struct ever disagree."""
+    rows = TILE_ROWS * tiles
+    stage = SUB_STEPS * (2 * rows * 2 + 2 * value_dim * 2 + 4) + tiles * (value_dim // 8) * 32 * 4 * 4
+    stage = -(-stage // 16) * 16
+    states = SUB_STEPS * tiles * (value_dim // 16) * 32 * 16
+    return WARPS_PER_BLOCK * (2 * stage + states)
+
+
+def cuda_backward(layout, q, k, v, weight, forget, checkpoints, dy, d_final_state, clip, needs_dh0: bool):
+    """`backward._backward` on the CUDA kernel: the gradients of (q, k, v, weight, forget, initial_state)."""
+    device, heads, key_dim, value_dim = q.device, layout.heads, layout.key_dim, layout.value_dim
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = tiles_per_warp(layout.batch * heads, key_dim, value_dim, sms, layout.config, BACKWARD_COLUMNS)
+    k_blocks = key_dim // (TILE_ROWS * tiles)
+    items = layout.batch * heads * k_blocks
+    f32 = dict(dtype=torch.float32, device=device)
+    dq_heads = torch.empty(layout.tokens, heads, key_dim, **f32)
+    dk_heads = torch.empty(layout.tokens, heads, key_dim, **f32)
+    dv_parts = torch.empty(k_blocks, layout.tokens, heads, value_dim, **f32)
+    df_parts = torch.empty(k_blocks, layout.tokens, heads, **f32)
+    dw_parts = torch.empty(k_blocks, layout.batch, heads, value_dim, value_dim, **f32)
+    dh0 = torch.empty(layout.batch, heads, key_dim, value_dim, **f32) if needs_dh0 else None
+    scratch = torch.empty(items, layout.chunk // SUB_STEPS, tiles * TILE_ROWS * value_dim, **f32)
+    if forget.dtype not in (torch.float32, q.dtype):
+        forget = forget.to(torch.float32)
+    if d_final_state is not None:
+        d_final_state = d_final_state.to(torch.float32).contiguous()
+    defines = dict(
+        M2_TILES=tiles, M2_V=value_dim, M2_BF16=q.dtype == torch.bfloat16, M2_VARLEN=layout.packed,
+        M2_GATE_F32=forget.dtype == torch.float32, M2_CHUNK=layout.chunk, M2_HAS_DHT=d_final_state is not None,
+        M2_STORE_DH0=needs_dh0, M2_CLIP=clip is not None,
+    )
+    kernel = get_kernel("cuda_backward.cu", "m2rnn_backward", defines, device)
+    counts = layout.head_counts
+    kernel.launch(
+        math.ceil(items / WARPS_PER_BLOCK), 32 * WARPS_PER_BLOCK,
+        [
+            _aligned(q), _aligned(k), _aligned(v), weight.to(torch.float32).contiguous(), forget, checkpoints,
+            _aligned(dy.to(q.dtype)), d_final_state, dq_heads, dk_heads, dv_parts, df_parts, dw_parts, dh0, scratch,
+            layout.cu_seqlens, layout.chunk_offsets,
+            items, layout.seqlen, layout.chunks_per_seq, LongLong(layout.tokens), float(clip or 0.0),
+            counts["N"], counts["NQ"], counts["NK"], counts["NV"], counts["NF"], counts["NW"], key_dim,
+        ],
+        shared_bytes=_backward_shared_bytes(tiles, value_dim),
+    )
+    return reduce_partials(layout, dq_heads, dk_heads, dv_parts, df_parts, dw_parts, dh0)

@@ -18,6 +18,7 @@ import torch
 
 _SOURCE_DIR = pathlib.Path(__file__).parent
 _LOCK = threading.Lock()
+_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
 
 
 class CudaKernelError(RuntimeError):
@@ -54,7 +55,7 @@ def _driver() -> ctypes.CDLL:
     return _open_first(["libcuda.so.1", "libcuda.so"])
 
 
-SOURCES = ("cuda_forward.cu",)
+SOURCES = ("cuda_common.cuh", "cuda_forward.cu", "cuda_backward.cu")
 
 
 def cuda_kernels_available() -> bool:
@@ -104,8 +105,10 @@ def _compile(source: str, name: str, options: tuple[str, ...]) -> bytes:
 
 
 def compile_options(defines: dict[str, int], arch: str) -> tuple[str, ...]:
-    """NVRTC options of one variant: the target architecture and the -D parameters, in a stable order."""
-    return (f"--gpu-architecture={arch}", "--std=c++17", *(f"-D{key}={int(value)}" for key, value in sorted(defines.items())))
+    """NVRTC options of one variant: the target architecture, the sources' folder (for `cuda_common.cuh`) and the
+    -D parameters, in a stable order."""
+    return (f"--gpu-architecture={arch}", "--std=c++17", f"-I{_SOURCE_DIR}",
+            *(f"-D{key}={int(value)}" for key, value in sorted(defines.items())))
 
 
 class CudaKernel:
@@ -123,8 +126,16 @@ class CudaKernel:
                 f"finding {entry}",
             )
         self.entry = entry
+        self.shared_limit = 48 * 1024  # dynamic shared memory a launch may use without asking
 
-    def launch(self, grid: int, block: int, args: list, stream: torch.cuda.Stream | None = None) -> None:
+    def launch(self, grid: int, block: int, args: list, shared_bytes: int = 0) -> None:
+        """Launch on the current stream with `shared_bytes` of dynamic shared memory."""
+        if shared_bytes > self.shared_limit:
+            _check_driver(
+                _driver().cuFuncSetAttribute(self.function, _MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes),
+                f"asking {shared_bytes} bytes of shared memory for {self.entry}",
+            )
+            self.shared_limit = shared_bytes
         values = []
         for arg in args:
             if isinstance(arg, torch.Tensor):
@@ -138,9 +149,10 @@ class CudaKernel:
             else:
                 values.append(ctypes.c_int(int(arg)))
         params = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(x), ctypes.c_void_p) for x in values))
-        handle = (stream or torch.cuda.current_stream()).cuda_stream
+        handle = torch.cuda.current_stream().cuda_stream
         _check_driver(
-            _driver().cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, 0, ctypes.c_void_p(handle), params, None),
+            _driver().cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, shared_bytes, ctypes.c_void_p(handle),
+                                     params, None),
             f"launching {self.entry}",
         )
 

@@ -203,6 +203,18 @@ def _sum_groups(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
     return x.unflatten(dim, (groups, heads // groups)).sum(dim + 1)
 
 
+def reduce_partials(layout: "_Layout", dq_heads, dk_heads, dv_parts, df_parts, dw_parts, dh0):
+    """The backward kernels' float32 partials -> gradients of (q, k, v, weight, forget, initial_state): sum the row
+    blocks (the leading dim of dv, df, dw) and the state heads of each input head group."""
+    counts = layout.head_counts
+    dq = _sum_groups(dq_heads, counts["NQ"], 1)
+    dk = _sum_groups(dk_heads, counts["NK"], 1)
+    dv = _sum_groups(dv_parts.sum(0) if dv_parts.shape[0] > 1 else dv_parts[0], counts["NV"], 1)
+    df = _sum_groups(df_parts.sum(0) if df_parts.shape[0] > 1 else df_parts[0], counts["NF"], 1)
+    dw = _sum_groups(dw_parts.sum((0, 1)), counts["NW"], 0)
+    return dq, dk, dv, dw, df, dh0
+
+
 def checkpoints_shape(q: torch.Tensor, v: torch.Tensor, heads: int, cu_seqlens: torch.Tensor | None,
                       chunk: int = DEFAULT_CONFIG.checkpoint_interval) -> tuple:
     """Shape of the float32 checkpoint buffer the forward keeps (also for shape-only fake tensors)."""

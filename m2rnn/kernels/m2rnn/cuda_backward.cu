@@ -1,0 +1,462 @@
+// Backward of the M2RNN recurrence on the tensor cores, register-resident (sm_80+, 16-bit inputs, V <= 32).
+//
+// One warp owns TILES 16-row tiles of one head's state (as in cuda_forward.cu) and walks its sequence's chunks
+// of M2_CHUNK steps from the last. For each chunk, from the forward's float32 checkpoint:
+//   A1  recompute the chunk forward, leaving the state before every SUB-step sub-chunk in a float32 scratch
+//       (thread-private layout, L2-resident: SUB_PER_CHUNK states per warp);
+//   then for each sub-chunk, last first:
+//   A2  recompute it forward from its scratch state, keeping the float16 state before each step in shared memory
+//       (exactly the A operand the forward fed its mma, so Z is recomputed bit for bit);
+//   B   walk it backwards. The carry dH goes through clip -> G = dH + q dyᵀ -> dX = (1-f) G (1-Z²) ->
+//       dH = f G + dX Wᵀ, the last product on the tensor cores with bfloat16 hi/lo splits of dX and W (about 16
+//       mantissa bits: the carry compounds its rounding over the sequence). dW += H_{t-1}ᵀ dX is a tensor-core
+//       product too (movmatrix transposes the fragments; bfloat16, hi part of dX: a sum over every step and row);
+//       dq, dk, dv, df are per-thread sums reduced with xor shuffles and written as per-head partials.
+// Inputs of the next visit (a sub-chunk of A1 or of A2 + B) are copied to shared memory with cp.async while the
+// current one runs.
+//
+// Compile-time parameters (NVRTC -D options): M2_TILES, M2_V, M2_BF16, M2_VARLEN, M2_GATE_F32, M2_CHUNK (a
+// multiple of SUB), M2_HAS_DHT, M2_STORE_DH0, M2_CLIP.
+// Outputs (float32 partials, reduced by the caller as for the Triton backward): dq, dk (T, N, K) per state head;
+// dv (KB, T, N, V), df (KB, T, N), dw (KB, B, N, V, V) per row block; dh0 (B, N, K, V).
+#include "cuda_common.cuh"
+
+#define SUB 8
+#define SUB_PER_CHUNK (M2_CHUNK / SUB)
+#define NT (M2_V / 8)
+#define KS (M2_V / 16)
+#define ROWS (16 * M2_TILES)
+#define WARPS 4
+
+struct alignas(16) Stage {  // one visit: inputs of SUB steps and the state it starts from (thread-private fragments)
+    u16 k[SUB][ROWS];
+    u16 q[SUB][ROWS];
+    u16 v[SUB][M2_V];
+    u16 dy[SUB][M2_V];
+    float f[SUB];
+    float h[M2_TILES][NT][32][4];
+};
+
+struct WarpShared {
+    Stage stage[2];
+    U32x4 state16[SUB][M2_TILES][KS][32];  // float16 A fragments of the state before each step of a sub-chunk
+};
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
+    const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ w,
+    const void* __restrict__ f, const float* __restrict__ checkpoints, const u16* __restrict__ dy,
+    const float* __restrict__ dht, float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
+    float* __restrict__ df, float* __restrict__ dw, float* __restrict__ dh0, float* __restrict__ scratch,
+    const int* __restrict__ cu_seqlens, const int* __restrict__ chunk_offsets,
+    int num_items, int seqlen, int chunks_per_seq, long long total_tokens, float clip,
+    int N, int NQ, int NK, int NV, int NF, int NW, int K) {
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int item = blockIdx.x * WARPS + warp;
+    if (item >= num_items) return;  // no block-wide barrier below
+    u32 dynamic_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
+    if (dynamic_bytes < WARPS * sizeof(WarpShared)) __trap();  // the launcher's size formula is out of date
+    WarpShared& ws = reinterpret_cast<WarpShared*>(shared_bytes)[warp];
+    const int g = lane >> 2, t = lane & 3;
+    const int kblocks = K / ROWS;
+    const int kb = item % kblocks;
+    const int bn = item / kblocks;
+    const int b = bn / N, n = bn % N;
+    const int qh = n / (N / NQ), kh = n / (N / NK), vh = n / (N / NV), fh = n / (N / NF), wh = n / (N / NW);
+
+    long long bos, eos, first_chunk;
+#if M2_VARLEN
+    bos = cu_seqlens[b];
+    eos = cu_seqlens[b + 1];
+    first_chunk = chunk_offsets[b];
+#else
+    bos = (long long)b * seqlen;
+    eos = bos + seqlen;
+    first_chunk = (long long)b * chunks_per_seq;
+#endif
+    const int length = (int)(eos - bos);
+    const int row_base = kb * ROWS;
+    const int my_rows = row_base + g * 2 * M2_TILES;  // + 2·tau + (0 | 1), as in the forward
+    const long long head_state = ((long long)b * N + n) * K * M2_V;
+    float* my_scratch = scratch + (long long)item * SUB_PER_CHUNK * M2_TILES * NT * 32 * 4;
+
+    // W for the recomputation (float16, as the forward) and Wᵀ for the carry (bfloat16 hi and lo).
+    const float* wn = w + (long long)wh * M2_V * M2_V;
+    u32 w16[KS][NT][2], wt_hi[KS][NT][2], wt_lo[KS][NT][2];
+#pragma unroll
+    for (int s = 0; s < KS; ++s)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const int r = 16 * s + 2 * t, c = 8 * j + g;
+            w16[s][j][0] = pack_half2(wn[r * M2_V + c], wn[(r + 1) * M2_V + c]);
+            w16[s][j][1] = pack_half2(wn[(r + 8) * M2_V + c], wn[(r + 9) * M2_V + c]);
+            // Wᵀ[r][c] = W[c][r]
+            const float x[4] = {wn[c * M2_V + r], wn[c * M2_V + r + 1], wn[c * M2_V + r + 8], wn[c * M2_V + r + 9]};
+#pragma unroll
+            for (int p = 0; p < 2; ++p) {
+                wt_hi[s][j][p] = pack_bf16x2(x[2 * p], x[2 * p + 1]);
+                wt_lo[s][j][p] = pack_bf16x2(x[2 * p] - bf16_lo(wt_hi[s][j][p]), x[2 * p + 1] - bf16_hi(wt_hi[s][j][p]));
+            }
+        }
+
+    float dh[M2_TILES][NT][4];
+#pragma unroll
+    for (int tau = 0; tau < M2_TILES; ++tau)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+#if M2_HAS_DHT
+                const int row = my_rows + 2 * tau + (e >> 1), col = 8 * j + 2 * t + (e & 1);
+                dh[tau][j][e] = dht[head_state + (long long)row * M2_V + col];
+#else
+                dh[tau][j][e] = 0.0f;
+#endif
+            }
+    float dw_acc[KS][NT][4];
+#pragma unroll
+    for (int s = 0; s < KS; ++s)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dw_acc[s][j][e] = 0.0f;
+
+    float h[M2_TILES][NT][4];
+
+    // One recurrence step on h from the packed float16 operand a (the forward's arithmetic exactly); returns
+    // nothing, leaves tanh(Z) in z when asked.
+    auto step = [&](int tau, const u32 (&a)[KS][4], u32 kk, const u16* vrow, float keep, float (&z)[NT][4]) {
+        const float k0 = lo_half(kk), k1 = hi_half(kk);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const u32 vv = *reinterpret_cast<const u32*>(vrow + 8 * j + 2 * t);
+            const float v0 = lo_half(vv), v1 = hi_half(vv);
+            float acc[4] = {k0 * v0, k0 * v1, k1 * v0, k1 * v1};
+#pragma unroll
+            for (int s = 0; s < KS; ++s) mma_f16(acc, a[s], w16[s][j][0], w16[s][j][1]);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) z[j][e] = tanh_approx(acc[e]);
+        }
+    };
+    auto pack_state = [&](int tau, u32 (&a)[KS][4]) {
+#pragma unroll
+        for (int s = 0; s < KS; ++s) {
+            a[s][0] = pack_half2(h[tau][2 * s][0], h[tau][2 * s][1]);
+            a[s][1] = pack_half2(h[tau][2 * s][2], h[tau][2 * s][3]);
+            a[s][2] = pack_half2(h[tau][2 * s + 1][0], h[tau][2 * s + 1][1]);
+            a[s][3] = pack_half2(h[tau][2 * s + 1][2], h[tau][2 * s + 1][3]);
+        }
+    };
+
+    // Visits: per chunk (last first) A1 over its sub-chunks, then A2 + B over them in reverse.
+    const int num_chunks = (length + M2_CHUNK - 1) / M2_CHUNK;
+    auto subs_of = [&](int chunk) {
+        const int len = length - chunk * M2_CHUNK < M2_CHUNK ? length - chunk * M2_CHUNK : M2_CHUNK;
+        return (len + SUB - 1) / SUB;
+    };
+    float gate_pending = 0.0f;
+    auto issue = [&](int backward_visit, int chunk, int sub, Stage& s) {
+        const long long tok0 = bos + (long long)chunk * M2_CHUNK + sub * SUB;
+        for (int word = lane; word < SUB * ROWS / 2; word += 32) {
+            const int i = word / (ROWS / 2), o = 2 * (word % (ROWS / 2));
+            const bool valid = tok0 + i < eos;
+            const long long tok = valid ? tok0 + i : bos;
+            copy_async<4>(&s.k[i][o], k + tok * NK * K + (long long)kh * K + row_base + o, valid);
+            copy_async<4>(&s.q[i][o], q + tok * NQ * K + (long long)qh * K + row_base + o, valid);
+        }
+        for (int word = lane; word < SUB * M2_V / 2; word += 32) {
+            const int i = word / (M2_V / 2), o = 2 * (word % (M2_V / 2));
+            const bool valid = tok0 + i < eos;
+            const long long tok = valid ? tok0 + i : bos;
+            copy_async<4>(&s.v[i][o], v + tok * NV * M2_V + (long long)vh * M2_V + o, valid);
+            copy_async<4>(&s.dy[i][o], dy + (tok * N + n) * M2_V + o, valid);
+        }
+        if (backward_visit) {
+            const float* src = my_scratch + (long long)sub * M2_TILES * NT * 32 * 4;
+#pragma unroll
+            for (int tau = 0; tau < M2_TILES; ++tau)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+                    copy_async<16>(&s.h[tau][j][lane][0], src + ((tau * NT + j) * 32 + lane) * 4, true);
+        } else if (sub == 0) {
+            const float* src = checkpoints + ((first_chunk + chunk) * N + n) * (long long)K * M2_V;
+#pragma unroll
+            for (int tau = 0; tau < M2_TILES; ++tau)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const int row = my_rows + 2 * tau + half, col = 8 * j + 2 * t;
+                        copy_async<8>(&s.h[tau][j][lane][2 * half], src + (long long)row * M2_V + col, true);
+                    }
+        }
+        const long long tok = tok0 + lane;
+        if (lane < SUB && tok < eos) {
+#if M2_GATE_F32
+            gate_pending = reinterpret_cast<const float*>(f)[tok * NF + fh];
+#else
+            gate_pending = in_to_float(reinterpret_cast<const u16*>(f)[tok * NF + fh]);
+#endif
+        } else {
+            gate_pending = 0.0f;
+        }
+    };
+
+    int backward_visit = 0, chunk = num_chunks - 1, sub = 0, parity = 0;
+    if (num_chunks > 0) issue(0, chunk, 0, ws.stage[0]);
+    copy_async_commit();
+    while (chunk >= 0) {
+        Stage& s = ws.stage[parity];
+        copy_async_wait<0>();
+        if (lane < SUB) s.f[lane] = gate_pending;
+        __syncwarp();
+        const int subs = subs_of(chunk);
+        const long long tok0 = bos + (long long)chunk * M2_CHUNK + sub * SUB;
+        const int steps = eos - tok0 < SUB ? (int)(eos - tok0) : SUB;
+        if (!backward_visit) {
+            if (sub == 0) {
+#pragma unroll
+                for (int tau = 0; tau < M2_TILES; ++tau)
+#pragma unroll
+                    for (int j = 0; j < NT; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) h[tau][j][e] = s.h[tau][j][lane][e];
+            }
+            float* dst = my_scratch + (long long)sub * M2_TILES * NT * 32 * 4;
+#pragma unroll
+            for (int tau = 0; tau < M2_TILES; ++tau)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+                    *reinterpret_cast<U32x4*>(dst + ((tau * NT + j) * 32 + lane) * 4) =
+                        U32x4{__float_as_uint(h[tau][j][0]), __float_as_uint(h[tau][j][1]),
+                              __float_as_uint(h[tau][j][2]), __float_as_uint(h[tau][j][3])};
+        }
+        // Next visit, issued now: its inputs arrive while this one runs.
+        int next_backward = backward_visit, next_chunk = chunk, next_sub = sub;
+        if (!backward_visit) {
+            if (sub + 1 < subs) next_sub = sub + 1;
+            else { next_backward = 1; next_sub = subs - 1; }
+        } else if (sub > 0) {
+            next_sub = sub - 1;
+        } else {
+            next_backward = 0; next_chunk = chunk - 1; next_sub = 0;
+        }
+        if (next_chunk >= 0) issue(next_backward, next_chunk, next_sub, ws.stage[parity ^ 1]);
+        copy_async_commit();
+
+        if (!backward_visit) {  // A1
+            for (int i = 0; i < steps; ++i) {
+                const float keep = 1.0f - s.f[i];
+#pragma unroll
+                for (int tau = 0; tau < M2_TILES; ++tau) {
+                    u32 a[KS][4];
+                    pack_state(tau, a);
+                    float z[NT][4];
+                    step(tau, a, *reinterpret_cast<const u32*>(&s.k[i][g * 2 * M2_TILES + 2 * tau]), s.v[i], keep, z);
+#pragma unroll
+                    for (int j = 0; j < NT; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) h[tau][j][e] += keep * (z[j][e] - h[tau][j][e]);
+                }
+            }
+        } else {
+            // A2: the float16 state before each step of the sub-chunk, into shared memory.
+#pragma unroll
+            for (int tau = 0; tau < M2_TILES; ++tau)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) h[tau][j][e] = s.h[tau][j][lane][e];
+            for (int i = 0; i < steps; ++i) {
+                const float keep = 1.0f - s.f[i];
+#pragma unroll
+                for (int tau = 0; tau < M2_TILES; ++tau) {
+                    u32 a[KS][4];
+                    pack_state(tau, a);
+#pragma unroll
+                    for (int ks = 0; ks < KS; ++ks)
+                        ws.state16[i][tau][ks][lane] = U32x4{a[ks][0], a[ks][1], a[ks][2], a[ks][3]};
+                    if (i + 1 < steps) {  // the state after the last step is not needed
+                        float z[NT][4];
+                        step(tau, a, *reinterpret_cast<const u32*>(&s.k[i][g * 2 * M2_TILES + 2 * tau]), s.v[i],
+                             keep, z);
+#pragma unroll
+                        for (int j = 0; j < NT; ++j)
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) h[tau][j][e] += keep * (z[j][e] - h[tau][j][e]);
+                    }
+                }
+            }
+            // B: the sub-chunk backwards.
+            for (int i = steps - 1; i >= 0; --i) {
+                const long long tok = tok0 + i;
+                const float gate = s.f[i], keep = 1.0f - gate;
+                float dy_col[NT][2], v_col[NT][2];
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    const u32 dd = *reinterpret_cast<const u32*>(&s.dy[i][8 * j + 2 * t]);
+                    const u32 vv = *reinterpret_cast<const u32*>(&s.v[i][8 * j + 2 * t]);
+                    dy_col[j][0] = lo_half(dd);
+                    dy_col[j][1] = hi_half(dd);
+                    v_col[j][0] = lo_half(vv);
+                    v_col[j][1] = hi_half(vv);
+                }
+                float dv_part[NT][2];
+#pragma unroll
+                for (int j = 0; j < NT; ++j) dv_part[j][0] = dv_part[j][1] = 0.0f;
+                float df_part = 0.0f;
+                float dq_rows[M2_TILES][2], dk_rows[M2_TILES][2];
+#pragma unroll
+                for (int tau = 0; tau < M2_TILES; ++tau) {
+                    const u32 kk = *reinterpret_cast<const u32*>(&s.k[i][g * 2 * M2_TILES + 2 * tau]);
+                    const u32 qq = *reinterpret_cast<const u32*>(&s.q[i][g * 2 * M2_TILES + 2 * tau]);
+                    const float k0 = lo_half(kk), k1 = hi_half(kk), q0 = lo_half(qq), q1 = hi_half(qq);
+                    u32 a[KS][4];
+#pragma unroll
+                    for (int ks = 0; ks < KS; ++ks) {
+                        const U32x4 x = ws.state16[i][tau][ks][lane];
+                        a[ks][0] = x.x;
+                        a[ks][1] = x.y;
+                        a[ks][2] = x.z;
+                        a[ks][3] = x.w;
+                    }
+                    float hp[NT][4];  // H_{t-1} (as float16 rounded it)
+#pragma unroll
+                    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+                        for (int p = 0; p < 4; ++p) {
+                            const int j = 2 * ks + (p >> 1), e = 2 * (p & 1);
+                            hp[j][e] = half_to_float(a[ks][p]);
+                            hp[j][e + 1] = half_to_float(a[ks][p] >> 16);
+                        }
+                    float z[NT][4];
+                    step(tau, a, kk, s.v[i], keep, z);
+
+                    float dx[NT][4];
+                    dq_rows[tau][0] = dq_rows[tau][1] = dk_rows[tau][0] = dk_rows[tau][1] = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < NT; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const float h_now = hp[j][e] + keep * (z[j][e] - hp[j][e]);
+                            const float d_y = dy_col[j][e & 1];
+                            dq_rows[tau][e >> 1] += h_now * d_y;
+                            float carry = dh[tau][j][e];
+#if M2_CLIP
+                            carry = fminf(fmaxf(carry, -clip), clip);
+#endif
+                            const float grad = carry + ((e >> 1) ? q1 : q0) * d_y;
+                            df_part += grad * (hp[j][e] - z[j][e]);
+                            dx[j][e] = keep * grad * (1.0f - z[j][e] * z[j][e]);
+                            dk_rows[tau][e >> 1] += dx[j][e] * v_col[j][e & 1];
+                            dv_part[j][e & 1] += dx[j][e] * ((e >> 1) ? k1 : k0);
+                            dh[tau][j][e] = gate * grad;  // + dX Wᵀ below
+                        }
+                    // dH_{t-1} = f G + dX Wᵀ with dX = hi + lo (bfloat16 each), Wᵀ = hi + lo.
+                    u32 x_hi[KS][4], x_lo[KS][4];
+#pragma unroll
+                    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+                        for (int p = 0; p < 4; ++p) {
+                            const int j = 2 * ks + (p >> 1), e = 2 * (p & 1);
+                            x_hi[ks][p] = pack_bf16x2(dx[j][e], dx[j][e + 1]);
+                            x_lo[ks][p] = pack_bf16x2(dx[j][e] - bf16_lo(x_hi[ks][p]), dx[j][e + 1] - bf16_hi(x_hi[ks][p]));
+                        }
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+                        float small[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                        for (int ks = 0; ks < KS; ++ks) {
+                            mma_bf16(dh[tau][j], x_hi[ks], wt_hi[ks][j][0], wt_hi[ks][j][1]);
+                            mma_bf16(small, x_lo[ks], wt_hi[ks][j][0], wt_hi[ks][j][1]);
+                            mma_bf16(small, x_hi[ks], wt_lo[ks][j][0], wt_lo[ks][j][1]);
+                        }
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) dh[tau][j][e] += small[e];
+                    }
+                    // dW += H_{t-1}ᵀ dX: A = the transposed state (bfloat16), B = the transposed dX (hi).
+#pragma unroll
+                    for (int mt = 0; mt < KS; ++mt) {
+                        u32 p[4];
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            const int j = 2 * mt + (r >> 1), e = 2 * (r & 1);
+                            p[r] = pack_bf16x2(hp[j][e], hp[j][e + 1]);
+                        }
+                        const u32 at[4] = {transpose_8x8(p[0]), transpose_8x8(p[2]), transpose_8x8(p[1]),
+                                           transpose_8x8(p[3])};
+#pragma unroll
+                        for (int jn = 0; jn < NT; ++jn) {
+                            const int ks = jn >> 1, half = jn & 1;
+                            mma_bf16(dw_acc[mt][jn], at, transpose_8x8(x_hi[ks][2 * half]),
+                                     transpose_8x8(x_hi[ks][2 * half + 1]));
+                        }
+                    }
+                }
+                // Per-step gradients of the inputs: partial sums over this warp's rows (and columns).
+#pragma unroll
+                for (int tau = 0; tau < M2_TILES; ++tau)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        dq_rows[tau][e] = lane_sum<3>(dq_rows[tau][e]);
+                        dk_rows[tau][e] = lane_sum<3>(dk_rows[tau][e]);
+                    }
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) dv_part[j][e] = lane_sum<28>(dv_part[j][e]);
+                df_part = lane_sum<31>(df_part);
+                const long long head_token = tok * N + n;
+                const long long block_token = (kb * total_tokens + tok) * N + n;
+                if (t == 0) {
+#pragma unroll
+                    for (int tau = 0; tau < M2_TILES; ++tau) {
+                        const long long at = head_token * K + my_rows + 2 * tau;
+                        *reinterpret_cast<Float2*>(dq + at) = Float2{dq_rows[tau][0], dq_rows[tau][1]};
+                        *reinterpret_cast<Float2*>(dk + at) = Float2{dk_rows[tau][0], dk_rows[tau][1]};
+                    }
+                }
+                if (g == 0) {
+#pragma unroll
+                    for (int j = 0; j < NT; ++j)
+                        *reinterpret_cast<Float2*>(dv + block_token * M2_V + 8 * j + 2 * t) =
+                            Float2{dv_part[j][0], dv_part[j][1]};
+                }
+                if (lane == 0) df[block_token] = df_part;
+            }
+        }
+        __syncwarp();
+        backward_visit = next_backward;
+        chunk = next_chunk;
+        sub = next_sub;
+        parity ^= 1;
+    }
+    copy_async_wait<0>();
+
+    // dW partial of this row block: dw_acc[mt][jn] holds rows 16mt + g (+8), cols 8jn + 2t (+1).
+    float* dw_block = dw + (((long long)kb * (num_items / kblocks) + bn) * M2_V * M2_V);
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt)
+#pragma unroll
+        for (int jn = 0; jn < NT; ++jn)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int row = 16 * mt + g + 8 * half, col = 8 * jn + 2 * t;
+                *reinterpret_cast<Float2*>(dw_block + row * M2_V + col) =
+                    Float2{dw_acc[mt][jn][2 * half], dw_acc[mt][jn][2 * half + 1]};
+            }
+#if M2_STORE_DH0
+#pragma unroll
+    for (int tau = 0; tau < M2_TILES; ++tau)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int row = my_rows + 2 * tau + half, col = 8 * j + 2 * t;
+                *reinterpret_cast<Float2*>(dh0 + head_state + (long long)row * M2_V + col) =
+                    Float2{dh[tau][j][2 * half], dh[tau][j][2 * half + 1]};
+            }
+#endif
+}
