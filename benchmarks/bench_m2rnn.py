@@ -61,7 +61,7 @@ def make_inputs(batch, seqlen, heads, key_dim=64, value_dim=16, dtype=torch.bflo
 
 
 def ours(config: M2RNNTritonConfig | None = None):
-    """Our Triton kernels with `config` (default: the `--config` one), called as the layers call the op."""
+    """Our kernels with `config` (default: the `--config` one; `cuda_kernels=True` for the CUDA ones)."""
     config = config or CONFIG
 
     def fn(q, k, v, w, f, gradient_clipping=None):
@@ -209,13 +209,15 @@ def floors(batch, seqlen, heads, key_dim=64, value_dim=16, dram_tb_s=None) -> di
 
 
 def sweep(results: dict) -> None:
-    """Row block variants at the 400M, batch-1 and 16K shapes (the choice `_block_k` makes from the shape)."""
+    """Row block variants (rows per program, or per warp with the CUDA kernels) at every shape, forward and
+    forward+backward: what the launch heuristics (`_block_k`, `cuda_kernels.tiles_per_warp`) choose from."""
     rows = []
     for block_k in (16, 32, 64):
         op = ours(dataclasses.replace(CONFIG, block_k=block_k))
-        rows.append(("400M fwd", f"BLOCK_K={block_k}", time_forward(*SHAPES["400M"], op=op)))
-        rows.append(("B=1 fwd", f"BLOCK_K={block_k}", time_forward(*SHAPES["400M batch-1 prefill"], op=op)))
-        rows.append(("16K fwd+bwd", f"BLOCK_K={block_k}", time_forward_backward(*SHAPES["400M 16K context"], op=op)))
+        for name, shape in SHAPES.items():
+            rows.append((f"{name} fwd", f"BLOCK_K={block_k}", time_forward(*shape, op=op)))
+            if name != "400M batch-1 prefill":
+                rows.append((f"{name} fwd+bwd", f"BLOCK_K={block_k}", time_forward_backward(*shape, op=op)))
     print("\n| what | variant | ms |\n|---|---|---|")
     for what, variant, ms in rows:
         print(f"| {what} | {variant} | {ms:.3f} |")

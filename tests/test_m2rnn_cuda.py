@@ -20,8 +20,9 @@ H100_SMS = 132
     ("batch_heads", "key_dim", "value_dim", "tiles"),
     [
         (8 * 84, 64, 16, 2),  # 400M training: 1,344 warps, 3 per scheduler, 2 tiles each (6) beats 2 x 4 (8)
-        (4 * 132, 64, 16, 4),  # 7B training: 528 warps of 4 tiles, one per scheduler
+        (4 * 132, 64, 16, 2),  # 7B training: 2 warps of 2 tiles per scheduler beat one lone warp of 4
         (1 * 84, 64, 16, 1),  # batch-1 prefill: one tile per warp, 336 warps
+        (2 * 84, 64, 16, 1),  # 16K context at 4K's tokens (B = 2): 672 warps of one tile beat 336 lone warps of 2
         (8 * 84, 64, 32, 2),  # V = 32: at most 64 state columns per thread row (registers)
         (2, 48, 16, 1),  # K = 48: 3 tiles, only 1 divides
     ],
@@ -33,6 +34,12 @@ def test_tiles_per_warp_from_the_busiest_scheduler(batch_heads, key_dim, value_d
 def test_block_k_pins_the_rows_per_warp():
     config = M2RNNTritonConfig(block_k=64)
     assert cuda_kernels.tiles_per_warp(84, 64, 16, H100_SMS, config) == 4
+    # within the backward's register budget of 32 state columns per thread row
+    assert cuda_kernels.tiles_per_warp(84, 64, 16, H100_SMS, config, cuda_kernels.BACKWARD_COLUMNS) == 2
+
+
+def test_backward_tiles_stay_within_its_register_budget():
+    assert cuda_kernels.tiles_per_warp(8 * 84, 64, 32, H100_SMS, M2RNNTritonConfig(), cuda_kernels.BACKWARD_COLUMNS) == 1
 
 
 def test_compile_options_name_every_define_in_a_stable_order():

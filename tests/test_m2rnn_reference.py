@@ -139,8 +139,26 @@ def test_bad_shapes_raise_clear_errors(change, message):
 
 def test_unknown_backend_is_refused():
     x = {k: t.detach() for k, t in make_inputs(dtype=torch.float32).items()}
-    with pytest.raises(ValueError, match="unknown backend='cuda'"):
+    with pytest.raises(ValueError, match="unknown backend='tpu'"):
+        m2rnn_recurrence(**x, backend="tpu")
+
+
+def test_cuda_backend_on_cpu_inputs_is_refused_with_the_reason():
+    x = {k: t.detach() for k, t in make_inputs(dtype=torch.float32).items()}
+    with pytest.raises(RuntimeError, match="backend='cuda' needs a CUDA device.*inputs are on cpu"):
         m2rnn_recurrence(**x, backend="cuda")
+
+
+def test_backend_variable_names_the_default(monkeypatch):
+    """M2RNN_BACKEND picks the backend of calls that name none, checked like an explicit one."""
+    x = {k: t.detach() for k, t in make_inputs(dtype=torch.float32).items()}
+    monkeypatch.setenv("M2RNN_BACKEND", "torch")
+    y, _ = m2rnn_recurrence(**x)
+    torch.testing.assert_close(y, m2rnn_recurrence(**x, backend="torch")[0])
+    monkeypatch.setenv("M2RNN_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="unknown M2RNN_BACKEND='tpu'"):
+        m2rnn_recurrence(**x)
+    m2rnn_recurrence(**x, backend="torch")  # an explicit backend wins over the variable
 
 
 def packed_inputs(tokens=10):

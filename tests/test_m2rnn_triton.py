@@ -314,13 +314,15 @@ def test_bf16_packed_real_shape():
 
 @pytest.mark.gpu
 @gpu
-def test_more_than_2_pow_32_state_elements():
+@pytest.mark.parametrize("kernels", ["triton", "cuda"])
+def test_more_than_2_pow_32_state_elements(kernels):
     """16·4096·84·64·16 = 5.8e9 state elements in one call, checked against its two halves."""
+    config = M2RNNTritonConfig(cuda_kernels=kernels == "cuda")
     inputs = make_inputs(16, 4096, 84, 64, 16, (1, 1, 84, 84, 84), dtype=torch.bfloat16)
     upper = [x if i == 3 else x[8:] for i, x in enumerate(inputs)]  # weight is shared, the rest is per sequence
     with torch.no_grad():
-        y, ht = m2rnn_recurrence_triton(*inputs, config=REAL)
-        y_upper, ht_upper = m2rnn_recurrence_triton(*upper, config=REAL)
+        y, ht = m2rnn_recurrence_triton(*inputs, config=config)
+        y_upper, ht_upper = m2rnn_recurrence_triton(*upper, config=config)
     # (the two calls may autotune to different warp counts, which reorders the readout's row sum)
     assert rel(y[8:], y_upper) < 1e-2 and rel(ht[8:], ht_upper) < 1e-5
     # a loss on the upper half only: its gradients live at the offsets above 2³²
@@ -328,8 +330,8 @@ def test_more_than_2_pow_32_state_elements():
     dy[:8] = 0
     full = [x.detach().clone().requires_grad_() for x in inputs]
     part = [x.detach().clone().requires_grad_() for x in upper]
-    grads_full = torch.autograd.grad((m2rnn_recurrence_triton(*full, config=REAL)[0].float() * dy).sum(), full)
-    grads_part = torch.autograd.grad((m2rnn_recurrence_triton(*part, config=REAL)[0].float() * dy[8:]).sum(), part)
+    grads_full = torch.autograd.grad((m2rnn_recurrence_triton(*full, config=config)[0].float() * dy).sum(), full)
+    grads_part = torch.autograd.grad((m2rnn_recurrence_triton(*part, config=config)[0].float() * dy[8:]).sum(), part)
     for i, (a, b) in enumerate(zip(grads_full, grads_part)):
         assert rel(a if i == 3 else a[8:], b) < 1e-3, f"d{NAMES[i]}: {rel(a if i == 3 else a[8:], b)}"
 

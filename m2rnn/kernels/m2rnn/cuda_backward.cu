@@ -395,35 +395,46 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                         }
                     }
                 }
-                // Per-step gradients of the inputs: partial sums over this warp's rows (and columns).
+                // Per-step gradients of the inputs, reduced over the lanes sharing a row (dq, dk: the 4 lanes t) or a
+                // column (dv: the 8 lanes g) by halving: each level keeps half the values, so each lane ends with
+                // whole sums for a slice of rows or columns and stores it.
+                float rows[4 * M2_TILES];  // dq of row my_rows + v, then dk of the same rows
 #pragma unroll
                 for (int tau = 0; tau < M2_TILES; ++tau)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        dq_rows[tau][e] = lane_sum<3>(dq_rows[tau][e]);
-                        dk_rows[tau][e] = lane_sum<3>(dk_rows[tau][e]);
+                        rows[2 * tau + e] = dq_rows[tau][e];
+                        rows[2 * M2_TILES + 2 * tau + e] = dk_rows[tau][e];
                     }
+                halve_sum<1, 4 * M2_TILES>(rows, lane);  // lanes with t & 2 keep dk, the others dq
+                halve_sum<0, 2 * M2_TILES>(rows, lane);  // then rows my_rows + (t & 1)·TILES, TILES of them
+                float cols[2 * NT];  // dv of column 8j + 2t + e at 2j + e
 #pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) dv_part[j][e] = lane_sum<28>(dv_part[j][e]);
+                for (int j = 0; j < NT; ++j) {
+                    cols[2 * j] = dv_part[j][0];
+                    cols[2 * j + 1] = dv_part[j][1];
+                }
+                halve_sum<4, 2 * NT>(cols, lane);
+                halve_sum<3, NT>(cols, lane);
+#if NT == 4
+                halve_sum<2, 2>(cols, lane);
+                const int col_slot = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
+                const bool stores_col = true;
+#else
+                cols[0] = lane_sum<4>(cols[0]);
+                const int col_slot = ((lane >> 4) & 1) * 2 + ((lane >> 3) & 1);
+                const bool stores_col = (lane & 4) == 0;
+#endif
                 df_part = lane_sum<31>(df_part);
                 const long long head_token = tok * N + n;
                 const long long block_token = (kb * total_tokens + tok) * N + n;
-                if (t == 0) {
-#pragma unroll
-                    for (int tau = 0; tau < M2_TILES; ++tau) {
-                        const long long at = head_token * K + my_rows + 2 * tau;
-                        *reinterpret_cast<Float2*>(dq + at) = Float2{dq_rows[tau][0], dq_rows[tau][1]};
-                        *reinterpret_cast<Float2*>(dk + at) = Float2{dk_rows[tau][0], dk_rows[tau][1]};
-                    }
-                }
-                if (g == 0) {
-#pragma unroll
-                    for (int j = 0; j < NT; ++j)
-                        *reinterpret_cast<Float2*>(dv + block_token * M2_V + 8 * j + 2 * t) =
-                            Float2{dv_part[j][0], dv_part[j][1]};
-                }
+                float* row_out = ((t & 2) ? dk : dq) + head_token * K + my_rows + (t & 1) * M2_TILES;
+#if M2_TILES == 2
+                *reinterpret_cast<Float2*>(row_out) = Float2{rows[0], rows[1]};
+#else
+                row_out[0] = rows[0];
+#endif
+                if (stores_col) dv[block_token * M2_V + 8 * (col_slot >> 1) + 2 * t + (col_slot & 1)] = cols[0];
                 if (lane == 0) df[block_token] = df_part;
             }
         }

@@ -117,3 +117,16 @@ __device__ __forceinline__ float lane_sum(float x) {
     if (MASK & 16) x += __shfl_xor_sync(0xffffffffu, x, 16);
     return x;
 }
+
+// Sum of x[0..COUNT) with the lane that differs in bit BIT, keeping half: lanes with the bit clear keep the sums of
+// the first half in x[0..COUNT/2), the others those of the second half (one shuffle per kept value).
+template <int BIT, int COUNT, int SIZE>
+__device__ __forceinline__ void halve_sum(float (&x)[SIZE], int lane) {
+    const bool upper = (lane >> BIT) & 1;
+#pragma unroll
+    for (int i = 0; i < COUNT / 2; ++i) {
+        const float send = upper ? x[i] : x[i + COUNT / 2];
+        const float keep = upper ? x[i + COUNT / 2] : x[i];
+        x[i] = keep + __shfl_xor_sync(0xffffffffu, send, 1 << BIT);
+    }
+}

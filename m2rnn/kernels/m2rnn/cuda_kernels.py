@@ -41,14 +41,21 @@ def cuda_backward_covers(x: torch.Tensor, key_dim: int, value_dim: int, config: 
     return value_dim <= BACKWARD_COLUMNS and cuda_forward_covers(x, key_dim, value_dim, config)
 
 
+# Per-step time of a scheduler's warps, in units of one tile's work: max(warps on the busiest scheduler, LATENCY)
+# × (tiles + WARP_OVERHEAD). LATENCY: a lone warp's step takes as long as ~1.65 interleaved ones (its dependency
+# chain is exposed), measured on an H200 (benchmarks/RESULTS.md §1, row-block sweep); WARP_OVERHEAD: the readout's
+# shuffles, the input copies and the loop, shared by a warp's tiles.
+LATENCY = 1.65
+WARP_OVERHEAD = 0.5
+
+
 def tiles_per_warp(batch_heads: int, key_dim: int, value_dim: int, multiprocessors: int,
                    config: M2RNNTritonConfig, max_columns: int = FORWARD_COLUMNS) -> int:
-    """16-row tiles each warp carries (1, 2 or 4: its independent chains), from the load of the busiest scheduler.
+    """16-row tiles each warp carries (1, 2 or 4: its independent chains), from the time of the busiest scheduler.
 
     Every warp of a 4-warp block sits on its own scheduler, so a launch of W warps puts ⌈W / (4 · SMs)⌉ warps on
-    the busiest one. Its per-step time grows with the tiles it carries plus a per-warp overhead (the readout's
-    shuffles, the input copies) worth about half a tile. A thread carries at most `max_columns` state columns per
-    row (tiles · V). `config.block_k` pins 16 · tiles rows instead, within that budget.
+    the busiest one; more tiles per warp mean fewer warps but longer steps. A thread carries at most `max_columns`
+    state columns per row (tiles · V). `config.block_k` pins 16 · tiles rows instead, within that budget.
     """
     if config.block_k is not None:
         return max(1, min(config.block_k // TILE_ROWS, max_columns // value_dim))
@@ -57,7 +64,8 @@ def tiles_per_warp(batch_heads: int, key_dim: int, value_dim: int, multiprocesso
         if (key_dim // TILE_ROWS) % tiles or tiles * value_dim > max_columns:
             continue
         warps = batch_heads * (key_dim // (TILE_ROWS * tiles))
-        cost = math.ceil(warps / (WARPS_PER_BLOCK * multiprocessors)) * (tiles + 0.5)
+        per_scheduler = math.ceil(warps / (WARPS_PER_BLOCK * multiprocessors))
+        cost = max(per_scheduler, LATENCY) * (tiles + WARP_OVERHEAD)
         if cost < best_cost:
             best_cost, best_tiles = cost, tiles
     return best_tiles

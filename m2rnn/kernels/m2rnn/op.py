@@ -1,8 +1,11 @@
 """The M2RNN recurrence op: `m2rnn_recurrence` / `m2rnn_decode_step` validate the inputs, pick a backend and run it.
 
 Backends: ``"torch"`` (`reference.py`, any device), ``"triton"`` (`forward.py`, `backward.py`, `decode.py`;
-CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``) and ``"cuda"``: the Triton backend with the CUDA
-forward (`cuda_forward.cu`, compiled at run time by NVRTC) where it covers the case (`cuda_kernels.py`).
+CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``) and ``"cuda"``: the CUDA forward and backward
+(`cuda_forward.cu`, `cuda_backward.cu`, compiled at run time by NVRTC) where they cover the case
+(`cuda_kernels.py`), the Triton kernels elsewhere; both keep the same checkpoints and gradient partials. Without
+a backend named, CUDA inputs run "cuda" where NVRTC is found (torch's CUDA wheels bring it), else "triton";
+``M2RNN_BACKEND`` names one for every call that names none.
 
 While `torch.compile` traces, the Triton backend is called through `torch.library` custom ops (`m2rnn::*`,
 registered below around the forward/backward pair of `autograd.py`, which share the float32 checkpoints as the
@@ -67,9 +70,9 @@ def m2rnn_recurrence(
         initial_state: ``(B, N, K, V)``, one per sequence; zeros when None.
         cu_seqlens: 1-D int32 boundaries of packed sequences on the inputs' device: 0, ..., T, never decreasing.
         gradient_clipping: clamp the recurrent carry ∂L/∂H_t to [-c, c] in the backward pass; None or c > 0.
-        backend: ``"torch"``, ``"triton"``, ``"cuda"`` (the Triton backend with the CUDA forward kernel where it
-            covers the case: 16-bit inputs, K and V multiples of 16) or None for the best available on the
-            inputs' device.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` (the CUDA kernels where they cover the case: 16-bit inputs, K
+            and V multiples of 16; the Triton kernels elsewhere) or None: ``M2RNN_BACKEND`` if set, else the
+            fastest available on the inputs' device (cuda, then triton, then torch).
         triton_config: launch knobs of the Triton kernels (`M2RNNTritonConfig`); the default suits training.
         check_values: read `cu_seqlens` and `forget` to check their values (a host sync on CUDA). Callers that
             produce valid values themselves (the model: gates from its own activation, boundaries checked once
@@ -146,20 +149,30 @@ def m2rnn_decode_step(
     return m2rnn_decode_step_torch(q, k, v, weight, forget, state)
 
 
+BACKEND_VARIABLE = "M2RNN_BACKEND"
+
+
 def _resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
-    """The backend to run: the one asked for (checked), or triton on CUDA when importable, else torch."""
+    """The backend to run: the one asked for (checked); else the one ``M2RNN_BACKEND`` names (checked); else on
+    CUDA the CUDA kernels where NVRTC can build them, the Triton kernels otherwise; torch elsewhere."""
+    source = f"backend={backend!r}"
+    if backend is None and os.environ.get(BACKEND_VARIABLE):
+        backend = os.environ[BACKEND_VARIABLE]
+        source = f"{BACKEND_VARIABLE}={backend!r}"
     if backend is None:
-        return "triton" if device.type == "cuda" and m2rnn_recurrence_triton is not None else "torch"
+        if device.type != "cuda" or m2rnn_recurrence_triton is None:
+            return "torch"
+        return "cuda" if cuda_kernels_available() else "triton"
     if backend not in BACKENDS:
-        raise ValueError(f"{op}: unknown backend={backend!r}, expected one of {BACKENDS} or None")
+        raise ValueError(f"{op}: unknown {source}, expected one of {BACKENDS} or None")
     if backend == "triton" and not _triton_runs_on(device):
         raise RuntimeError(
-            f"{op}: backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+            f"{op}: {source} needs triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
             f"inputs are on {device}, the triton kernels {'are' if m2rnn_recurrence_triton else 'are not'} importable"
         )
     if backend == "cuda" and not (device.type == "cuda" and _triton_runs_on(device) and cuda_kernels_available()):
         raise RuntimeError(
-            f"{op}: backend='cuda' needs a CUDA device, triton and NVRTC (torch's CUDA wheels bring it); "
+            f"{op}: {source} needs a CUDA device, triton and NVRTC (torch's CUDA wheels bring it); "
             f"inputs are on {device}"
         )
     return backend
