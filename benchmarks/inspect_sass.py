@@ -1,12 +1,14 @@
-"""Compile the M2RNN Triton kernels for Hopper (sm_90) without a GPU and count the instructions in their loops.
+"""Compile the M2RNN kernels for Hopper (sm_90) without a GPU and count the instructions in their loops.
 
-    python benchmarks/inspect_sass.py [--kernel fwd|bwd|decode] [--dtype bf16] [--block-k 64] [--warps 1]
-                                      [--config FIELD=VALUE ...] [--dump out.sass]
+    python benchmarks/inspect_sass.py [--kernel fwd|bwd|decode|cuda_fwd|cuda_bwd] [--dtype bf16] [--block-k 64]
+                                      [--warps 1] [--config FIELD=VALUE ...] [--dump out.sass]
 
 Triton ships ptxas and cuobjdump, so a CPU machine can build the cubin that the H100 would run and show what
 each loop iteration issues: tensor-core ops (HMMA), special-function ops (MUFU: tanh), shuffles, shared-memory
 round trips and barriers. This is the free half of every tuning step (predict from the instruction mix, then
 time on the device); `--config` sets a field of `M2RNNTritonConfig` (e.g. half_precision_state_dot=True).
+`cuda_fwd` / `cuda_bwd` build the CUDA kernels (`m2rnn/kernels/m2rnn/cuda_*.cu`, `--block-k` = 16 · tiles per
+warp) with the nvcc on PATH, as NVRTC would for the paper's shape (float32 gates, checkpoints, clipping).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import pathlib
 import re
+import shutil
 import subprocess
 import tempfile
 
@@ -32,6 +36,7 @@ INSTRUCTION_CLASSES = {
     "LDS": "shared load", "STS": "shared store", "LDSM": "shared load (matrix)", "STSM": "shared store (matrix)",
     "LDG": "global load", "STG": "global store", "FFMA": "fp32 fma", "FMUL": "fp32 mul", "FADD": "fp32 add",
     "MOV": "move", "F2FP": "pack/convert", "HADD2": "fp16x2 add", "HFMA2": "fp16x2 fma", "HMUL2": "fp16x2 mul",
+    "MOVM": "matrix transpose", "FMNMX": "fp32 min/max",
 }
 
 POINTER_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -84,6 +89,30 @@ def compile_kernel(kernel_name: str, dtype: str, block_k: int, warps: int, confi
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
 
 
+CUDA_SOURCES = {"cuda_fwd": "cuda_forward.cu", "cuda_bwd": "cuda_backward.cu"}
+
+
+def compile_cuda_kernel(kernel_name: str, dtype: str, tiles: int, value_dim: int = 16) -> bytes:
+    """The cubin of one CUDA kernel variant for sm_90, built with nvcc (same source and -D options as NVRTC)."""
+    from m2rnn.kernels.m2rnn import cuda_runtime
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or dtype == "fp32":
+        raise SystemExit(f"{kernel_name}: needs nvcc on PATH and a 16-bit --dtype")
+    defines = dict(M2_TILES=tiles, M2_V=value_dim, M2_BF16=dtype == "bf16", M2_VARLEN=0, M2_GATE_F32=1, M2_CHUNK=64)
+    if kernel_name == "cuda_fwd":
+        defines.update(M2_HAS_H0=0, M2_STORE_CKPT=1, M2_PARTIAL_Y=tiles < 4)
+    else:
+        defines.update(M2_HAS_DHT=0, M2_STORE_DH0=0, M2_CLIP=1)
+    source = pathlib.Path(cuda_runtime.__file__).parent / CUDA_SOURCES[kernel_name]
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = os.path.join(folder, "kernel.cubin")
+        subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-std=c++17", f"-I{source.parent}",
+                        *(f"-D{k}={int(v)}" for k, v in defines.items()), "-o", cubin, str(source)], check=True)
+        with open(cubin, "rb") as handle:
+            return handle.read()
+
+
 def disassemble(cubin: bytes) -> list[tuple[int, str]]:
     """(address, instruction text) of every SASS instruction, through the cuobjdump that Triton ships."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -117,7 +146,7 @@ def histogram(instructions: list[tuple[int, str]], start: int, end: int) -> coll
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", choices=["fwd", "bwd", "decode"], default="fwd")
+    parser.add_argument("--kernel", choices=["fwd", "bwd", "decode", *CUDA_SOURCES], default="fwd")
     parser.add_argument("--dtype", choices=list(POINTER_TYPES), default="bf16")
     parser.add_argument("--block-k", type=int, default=64)
     parser.add_argument("--warps", type=int, default=1)
@@ -126,14 +155,19 @@ def main() -> None:
     parser.add_argument("--dump", help="write the full SASS here")
     args = parser.parse_args()
     config = parse_config(args.config, "--config")
-    kernel = compile_kernel(args.kernel, args.dtype, args.block_k, args.warps, config)
-    instructions = disassemble(kernel.asm["cubin"])
+    if args.kernel in CUDA_SOURCES:
+        instructions = disassemble(compile_cuda_kernel(args.kernel, args.dtype, args.block_k // 16))
+        summary = f"{args.kernel} {args.dtype} tiles={args.block_k // 16}: {len(instructions)} instructions"
+    else:
+        kernel = compile_kernel(args.kernel, args.dtype, args.block_k, args.warps, config)
+        instructions = disassemble(kernel.asm["cubin"])
+        summary = (f"{args.kernel} {args.dtype} BLOCK_K={args.block_k} warps={args.warps} {args.config}: "
+                   f"{kernel.n_regs if hasattr(kernel, 'n_regs') else '?'} registers, "
+                   f"{kernel.metadata.shared} B shared, {len(instructions)} instructions")
     if args.dump:
         with open(args.dump, "w") as out:
             out.write("\n".join(f"{a:05x} {t}" for a, t in instructions))
-    print(f"{args.kernel} {args.dtype} BLOCK_K={args.block_k} warps={args.warps} {args.config}: "
-          f"{kernel.n_regs if hasattr(kernel, 'n_regs') else '?'} registers, "
-          f"{kernel.metadata.shared} B shared, {len(instructions)} instructions")
+    print(summary)
     keys = ["total", *INSTRUCTION_CLASSES]
     print("| loop | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")

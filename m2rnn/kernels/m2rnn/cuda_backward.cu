@@ -27,6 +27,9 @@
 #define KS (M2_V / 16)
 #define ROWS (16 * M2_TILES)
 #define WARPS 4
+// dq and dk as tensor-core products with dy, v as B operands: exact for bfloat16 inputs (float16 ones would need
+// a conversion), so float16 inputs sum them on the FMA units with shuffles.
+#define ROW_SUMS_ON_TENSOR_CORES M2_BF16
 
 struct alignas(16) Stage {  // one visit: inputs of SUB steps and the state it starts from (thread-private fragments)
     u16 k[SUB][ROWS];
@@ -158,20 +161,23 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
     };
     float gate_pending = 0.0f;
     auto issue = [&](int backward_visit, int chunk, int sub, Stage& s) {
+        // 16-byte copies: a step's rows of k (and q) are ROWS contiguous 16-bit values, its v (and dy) V of them.
         const long long tok0 = bos + (long long)chunk * M2_CHUNK + sub * SUB;
-        for (int word = lane; word < SUB * ROWS / 2; word += 32) {
-            const int i = word / (ROWS / 2), o = 2 * (word % (ROWS / 2));
+        constexpr int ROW_CHUNKS = ROWS / 8, COL_CHUNKS = M2_V / 8;
+        for (int c = lane; c < SUB * ROW_CHUNKS; c += 32) {
+            const int i = c / ROW_CHUNKS, o = 8 * (c % ROW_CHUNKS);
             const bool valid = tok0 + i < eos;
             const long long tok = valid ? tok0 + i : bos;
-            copy_async<4>(&s.k[i][o], k + tok * NK * K + (long long)kh * K + row_base + o, valid);
-            copy_async<4>(&s.q[i][o], q + tok * NQ * K + (long long)qh * K + row_base + o, valid);
+            copy_async<16>(&s.k[i][o], k + tok * NK * K + (long long)kh * K + row_base + o, valid);
+            if (backward_visit)
+                copy_async<16>(&s.q[i][o], q + tok * NQ * K + (long long)qh * K + row_base + o, valid);
         }
-        for (int word = lane; word < SUB * M2_V / 2; word += 32) {
-            const int i = word / (M2_V / 2), o = 2 * (word % (M2_V / 2));
+        for (int c = lane; c < SUB * COL_CHUNKS; c += 32) {
+            const int i = c / COL_CHUNKS, o = 8 * (c % COL_CHUNKS);
             const bool valid = tok0 + i < eos;
             const long long tok = valid ? tok0 + i : bos;
-            copy_async<4>(&s.v[i][o], v + tok * NV * M2_V + (long long)vh * M2_V + o, valid);
-            copy_async<4>(&s.dy[i][o], dy + (tok * N + n) * M2_V + o, valid);
+            copy_async<16>(&s.v[i][o], v + tok * NV * M2_V + (long long)vh * M2_V + o, valid);
+            if (backward_visit) copy_async<16>(&s.dy[i][o], dy + (tok * N + n) * M2_V + o, valid);
         }
         if (backward_visit) {
             const float* src = my_scratch + (long long)sub * M2_TILES * NT * 32 * 4;
@@ -340,9 +346,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                     for (int j = 0; j < NT; ++j)
 #pragma unroll
                         for (int e = 0; e < 4; ++e) {
-                            const float h_now = hp[j][e] + keep * (z[j][e] - hp[j][e]);
                             const float d_y = dy_col[j][e & 1];
-                            dq_rows[tau][e >> 1] += h_now * d_y;
+#if !ROW_SUMS_ON_TENSOR_CORES
+                            dq_rows[tau][e >> 1] += (hp[j][e] + keep * (z[j][e] - hp[j][e])) * d_y;
+#endif
                             float carry = dh[tau][j][e];
 #if M2_CLIP
                             carry = fminf(fmaxf(carry, -clip), clip);
@@ -350,7 +357,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                             const float grad = carry + ((e >> 1) ? q1 : q0) * d_y;
                             df_part += grad * (hp[j][e] - z[j][e]);
                             dx[j][e] = keep * grad * (1.0f - z[j][e] * z[j][e]);
+#if !ROW_SUMS_ON_TENSOR_CORES
                             dk_rows[tau][e >> 1] += dx[j][e] * v_col[j][e & 1];
+#endif
                             dv_part[j][e & 1] += dx[j][e] * ((e >> 1) ? k1 : k0);
                             dh[tau][j][e] = gate * grad;  // + dX Wᵀ below
                         }
@@ -376,17 +385,48 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
 #pragma unroll
                         for (int e = 0; e < 4; ++e) dh[tau][j][e] += small[e];
                     }
+                    u32 hp_bf16[KS][4];
+#pragma unroll
+                    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            const int j = 2 * ks + (r >> 1), e = 2 * (r & 1);
+                            hp_bf16[ks][r] = pack_bf16x2(hp[j][e], hp[j][e + 1]);
+                        }
+#if ROW_SUMS_ON_TENSOR_CORES
+                    // dq = H_t dy = (1-keep) H_{t-1} dy + keep Z dy and dk = dX v as products with a B operand whose
+                    // every column is dy (or v): each accumulator row holds its row's sum, no shuffles.
+                    {
+                        float from_state[4] = {0.0f, 0.0f, 0.0f, 0.0f}, from_z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        float dk_acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                        for (int ks = 0; ks < KS; ++ks) {
+                            u32 z_bf16[4];
+#pragma unroll
+                            for (int r = 0; r < 4; ++r) {
+                                const int j = 2 * ks + (r >> 1), e = 2 * (r & 1);
+                                z_bf16[r] = pack_bf16x2(z[j][e], z[j][e + 1]);
+                            }
+                            const u32 dy0 = *reinterpret_cast<const u32*>(&s.dy[i][16 * ks + 2 * t]);
+                            const u32 dy1 = *reinterpret_cast<const u32*>(&s.dy[i][16 * ks + 8 + 2 * t]);
+                            const u32 v0 = *reinterpret_cast<const u32*>(&s.v[i][16 * ks + 2 * t]);
+                            const u32 v1 = *reinterpret_cast<const u32*>(&s.v[i][16 * ks + 8 + 2 * t]);
+                            mma_bf16(from_state, hp_bf16[ks], dy0, dy1);
+                            mma_bf16(from_z, z_bf16, dy0, dy1);
+                            mma_bf16(dk_acc, x_hi[ks], v0, v1);
+                            mma_bf16(dk_acc, x_lo[ks], v0, v1);
+                        }
+                        dq_rows[tau][0] = gate * from_state[0] + keep * from_z[0];
+                        dq_rows[tau][1] = gate * from_state[2] + keep * from_z[2];
+                        dk_rows[tau][0] = dk_acc[0];
+                        dk_rows[tau][1] = dk_acc[2];
+                    }
+#endif
                     // dW += H_{t-1}ᵀ dX: A = the transposed state (bfloat16), B = the transposed dX (hi).
 #pragma unroll
                     for (int mt = 0; mt < KS; ++mt) {
-                        u32 p[4];
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) {
-                            const int j = 2 * mt + (r >> 1), e = 2 * (r & 1);
-                            p[r] = pack_bf16x2(hp[j][e], hp[j][e + 1]);
-                        }
-                        const u32 at[4] = {transpose_8x8(p[0]), transpose_8x8(p[2]), transpose_8x8(p[1]),
-                                           transpose_8x8(p[3])};
+                        const u32 at[4] = {transpose_8x8(hp_bf16[mt][0]), transpose_8x8(hp_bf16[mt][2]),
+                                           transpose_8x8(hp_bf16[mt][1]), transpose_8x8(hp_bf16[mt][3])};
 #pragma unroll
                         for (int jn = 0; jn < NT; ++jn) {
                             const int ks = jn >> 1, half = jn & 1;
@@ -406,8 +446,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                         rows[2 * tau + e] = dq_rows[tau][e];
                         rows[2 * M2_TILES + 2 * tau + e] = dk_rows[tau][e];
                     }
+#if ROW_SUMS_ON_TENSOR_CORES  // every lane t holds whole sums: lanes with t & 2 keep dk, the others dq
+#pragma unroll
+                for (int r = 0; r < 2 * M2_TILES; ++r) rows[r] = (t & 2) ? rows[2 * M2_TILES + r] : rows[r];
+#pragma unroll
+                for (int r = 0; r < M2_TILES; ++r) rows[r] = (t & 1) ? rows[M2_TILES + r] : rows[r];
+#else
                 halve_sum<1, 4 * M2_TILES>(rows, lane);  // lanes with t & 2 keep dk, the others dq
                 halve_sum<0, 2 * M2_TILES>(rows, lane);  // then rows my_rows + (t & 1)·TILES, TILES of them
+#endif
                 float cols[2 * NT];  // dv of column 8j + 2t + e at 2j + e
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
