@@ -8,9 +8,14 @@
 //     pack (cvt) -> mma (H W, accumulated onto C = k vᵀ) -> tanh.approx -> gate
 // with no shared-memory round trip, no barrier and no shuffle on it. Rows of the state never interact, so a
 // thread's rows are chosen to be contiguous in memory (one vector load of k and q per step) and the warp's TILES
-// tiles are independent chains the scheduler interleaves. The readout's reduction over rows (three xor shuffles)
-// is off the chain. Inputs of the next 16 steps are copied to shared memory with cp.async while the current 16
-// steps run, so no global load latency sits on the chain either.
+// tiles are independent chains the scheduler interleaves. Inputs of the next 16 steps are copied to shared memory
+// with cp.async while the current 16 steps run, so no global load latency sits on the chain either.
+//
+// Step i, in program order: pack H and issue the mmas of step i (its inputs already in registers); load step
+// i+1's k, q, v, f from shared memory into registers; reduce over rows and store step i-1's readout; tanh and gate
+// of step i; step i's per-thread readout partial sums, kept in registers for step i+1 (the last step's are stored
+// after the loop). The reduction is a reduce-scatter over the lane bits of g: each level halves the values a lane
+// holds (a butterfly where their count is odd), so a lane ends with whole sums of a few columns and stores them.
 //
 // Compile-time parameters (NVRTC -D options): M2_TILES, M2_V, M2_BF16 (else float16 inputs), M2_VARLEN, M2_HAS_H0,
 // M2_GATE_F32 (float32 forget gates, else the inputs' dtype), M2_STORE_CKPT, M2_CHUNK (checkpoint interval, a
@@ -22,6 +27,15 @@
 #define KS (M2_V / 16)           // mma k-steps across V
 #define ROWS (16 * M2_TILES)     // state rows per warp
 #define WARPS 4
+
+// Readout values a lane holds before (YC, one per column 8j + 2t + e) and after each reduction level.
+constexpr int YC = 2 * NT;
+constexpr int YC1 = YC / 2;
+constexpr int YC2 = YC1 % 2 ? YC1 : YC1 / 2;
+constexpr int YC3 = YC2 % 2 ? YC2 : YC2 / 2;
+// Index of column 8j + 2t + e among them: j-major where a lane ends with pairs (YC3 even: one 2-element store),
+// else e-major, so the first level splits e and a lane ends with columns 8 apart.
+__device__ constexpr int y_value(int j, int e) { return YC3 % 2 == 0 ? 2 * j + e : e * NT + j; }
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -72,6 +86,35 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+#if M2_PARTIAL_Y
+typedef float YOut;  // float32 partial per row block
+__device__ __forceinline__ void store_y1(float* p, float a) { *p = a; }
+__device__ __forceinline__ void store_y2(float* p, float a, float b) { *reinterpret_cast<Float2*>(p) = Float2{a, b}; }
+#else
+typedef u16 YOut;
+__device__ __forceinline__ void store_y1(u16* p, float a) { *p = float_to_out(a); }
+__device__ __forceinline__ void store_y2(u16* p, float a, float b) {
+    *reinterpret_cast<u32*>(p) = (u32)float_to_out(a) | ((u32)float_to_out(b) << 16);
+}
+#endif
+
+// One level of the readout's sum over rows, across lane bit `mask`: C even, the lane keeps the half of x its lane
+// bit selects (x[0, C/2) after) and adds the partner's copy of it; C odd, a butterfly over all C.
+template <int C>
+__device__ __forceinline__ void reduce_level(float* x, int mask, bool upper) {
+    if constexpr (C % 2 == 0) {
+#pragma unroll
+        for (int m = 0; m < C / 2; ++m) {
+            const float keep = upper ? x[m + C / 2] : x[m];
+            const float send = upper ? x[m] : x[m + C / 2];
+            x[m] = keep + __shfl_xor_sync(0xffffffffu, send, mask);
+        }
+    } else {
+#pragma unroll
+        for (int m = 0; m < C; ++m) x[m] += __shfl_xor_sync(0xffffffffu, x[m], mask);
+    }
+}
+
 __device__ __forceinline__ u32 shared_address(const void* p) {
     u32 r;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
@@ -91,7 +134,8 @@ struct Stage {
     float f[P];
 };
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_forward(
+// Min. 1 block per SM: without it ptxas holds some variants to 128 registers and spills.
+extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ w,
     const void* __restrict__ f, const float* __restrict__ h0, void* __restrict__ y, float* __restrict__ ht,
     float* __restrict__ checkpoints, const int* __restrict__ cu_seqlens, const int* __restrict__ chunk_offsets,
@@ -193,6 +237,53 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_forward(
                 }
     };
 
+    // After the reduction the lane holds the row sums of values [y_first, y_first + YC3); a butterfly level leaves
+    // partners equal, and only the one with that lane bit clear stores.
+    const int y_first = (g & 1) * YC1 + (YC1 % 2 ? 0 : ((g >> 1) & 1) * YC2) + (YC2 % 2 ? 0 : (g >> 2) * YC3);
+    const bool y_lane = (YC1 % 2 == 0 || ((g >> 1) & 1) == 0) && (YC2 % 2 == 0 || (g >> 2) == 0);
+    const int y_col = YC3 % 2 == 0 ? 8 * (y_first >> 1) + 2 * t + (y_first & 1)
+                                   : 8 * (y_first % NT) + 2 * t + y_first / NT;
+#if M2_PARTIAL_Y
+    YOut* y_dst = reinterpret_cast<float*>(y) + ((kb * total_tokens + bos) * N + n) * M2_V + y_col;
+#else
+    YOut* y_dst = reinterpret_cast<u16*>(y) + (bos * N + n) * M2_V + y_col;
+#endif
+    const int y_stride = N * M2_V;
+    // The pending readout (the previous step's per-thread partial sums); y_dst is its token's row where y_store.
+    float y_part[YC];
+#pragma unroll
+    for (int m = 0; m < YC; ++m) y_part[m] = 0.0f;
+    bool y_store = false;
+    auto readout = [&]() {
+        reduce_level<YC>(y_part, 4, g & 1);
+        reduce_level<YC1>(y_part, 8, (g >> 1) & 1);
+        reduce_level<YC2>(y_part, 16, g >> 2);
+        if (y_store) {
+            if constexpr (YC3 % 2 == 0) {
+#pragma unroll
+                for (int m = 0; m < YC3; m += 2) store_y2(y_dst + 4 * m, y_part[m], y_part[m + 1]);
+            } else {
+#pragma unroll
+                for (int m = 0; m < YC3; ++m) store_y1(y_dst + 8 * m, y_part[m]);
+            }
+            y_dst += y_stride;
+        }
+    };
+
+    // Inputs of the next step, in registers (16-bit pairs as loaded).
+    u32 k_next[M2_TILES], q_next[M2_TILES], v_next[NT];
+    float f_next;
+    auto load_step = [&](const Stage& s, int i) {
+#pragma unroll
+        for (int tau = 0; tau < M2_TILES; ++tau) {
+            k_next[tau] = *reinterpret_cast<const u32*>(&s.k[i][g * 2 * M2_TILES + 2 * tau]);
+            q_next[tau] = *reinterpret_cast<const u32*>(&s.q[i][g * 2 * M2_TILES + 2 * tau]);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) v_next[j] = *reinterpret_cast<const u32*>(&s.v[i][8 * j + 2 * t]);
+        f_next = s.f[i];
+    };
+
     if (num_chunks > 0) issue(0, st[0]);
     asm volatile("cp.async.commit_group;");
     float gate_next = num_chunks > 0 ? load_gate(0) : 0.0f;
@@ -207,23 +298,27 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_forward(
         asm volatile("cp.async.commit_group;");
         asm volatile("cp.async.wait_group 1;");
         __syncwarp();
+        load_step(s, 0);
 #if M2_STORE_CKPT
         if ((chunk * P) % M2_CHUNK == 0)
             store_state(checkpoints + ((first_chunk + chunk * P / M2_CHUNK) * N + n) * (long long)K * M2_V);
 #endif
-        const long long tok0 = bos + (long long)chunk * P;
         const int steps = length - chunk * P < P ? length - chunk * P : P;
 #pragma unroll 2
-        for (int i = 0; i < steps; ++i) {
-            const float keep = 1.0f - s.f[i];  // (1 - f): the weight of the new candidate
-            float y_part[NT][2];
-#pragma unroll
-            for (int j = 0; j < NT; ++j) y_part[j][0] = y_part[j][1] = 0.0f;
+        for (int next = 1; next <= steps; ++next) {  // step next - 1 (with i + 1 indices NVVM unrolls fully)
+            u32 kk[M2_TILES], qq[M2_TILES], vv[NT];
 #pragma unroll
             for (int tau = 0; tau < M2_TILES; ++tau) {
-                const u32 kk = *reinterpret_cast<const u32*>(&s.k[i][g * 2 * M2_TILES + 2 * tau]);
-                const u32 qq = *reinterpret_cast<const u32*>(&s.q[i][g * 2 * M2_TILES + 2 * tau]);
-                const float k0 = lo_half(kk), k1 = hi_half(kk), q0 = lo_half(qq), q1 = hi_half(qq);
+                kk[tau] = k_next[tau];
+                qq[tau] = q_next[tau];
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j) vv[j] = v_next[j];
+            const float keep = 1.0f - f_next;  // (1 - f): the weight of the new candidate
+            float z[M2_TILES][NT][4];
+#pragma unroll
+            for (int tau = 0; tau < M2_TILES; ++tau) {
+                const float k0 = lo_half(kk[tau]), k1 = hi_half(kk[tau]);
                 u32 a[KS][4];
 #pragma unroll
                 for (int ks = 0; ks < KS; ++ks) {
@@ -234,46 +329,34 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_forward(
                 }
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
-                    const u32 vv = *reinterpret_cast<const u32*>(&s.v[i][8 * j + 2 * t]);
-                    const float v0 = lo_half(vv), v1 = hi_half(vv);
-                    float z[4] = {k0 * v0, k0 * v1, k1 * v0, k1 * v1};
+                    const float v0 = lo_half(vv[j]), v1 = hi_half(vv[j]);
+                    z[tau][j][0] = k0 * v0, z[tau][j][1] = k0 * v1, z[tau][j][2] = k1 * v0, z[tau][j][3] = k1 * v1;
 #pragma unroll
-                    for (int ks = 0; ks < KS; ++ks) mma_16816(z, a[ks], wb[ks][j][0], wb[ks][j][1]);
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) h[tau][j][e] += keep * (tanh_approx(z[e]) - h[tau][j][e]);
-                    y_part[j][0] += q0 * h[tau][j][0] + q1 * h[tau][j][2];
-                    y_part[j][1] += q0 * h[tau][j][1] + q1 * h[tau][j][3];
+                    for (int ks = 0; ks < KS; ++ks) mma_16816(z[tau][j], a[ks], wb[ks][j][0], wb[ks][j][1]);
                 }
             }
+            // At the stage's last step: a row of this stage never used (the next stage loads its step 0 itself).
+            load_step(s, next & (P - 1));
+            readout();
+            y_store = y_lane;
 #pragma unroll
-            for (int j = 0; j < NT; ++j)
+            for (int tau = 0; tau < M2_TILES; ++tau) {
+                const float q0 = lo_half(qq[tau]), q1 = hi_half(qq[tau]);
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    float x = y_part[j][e];
-                    x += __shfl_xor_sync(0xffffffffu, x, 4);
-                    x += __shfl_xor_sync(0xffffffffu, x, 8);
-                    x += __shfl_xor_sync(0xffffffffu, x, 16);
-                    y_part[j][e] = x;
+                for (int j = 0; j < NT; ++j) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) h[tau][j][e] += keep * (tanh_approx(z[tau][j][e]) - h[tau][j][e]);
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float part = q0 * h[tau][j][e] + q1 * h[tau][j][2 + e];
+                        y_part[y_value(j, e)] = tau == 0 ? part : y_part[y_value(j, e)] + part;
+                    }
                 }
-            // Lanes of group g < NT store columns 8g + 2t, 8g + 2t + 1.
-            float y0 = 0.0f, y1 = 0.0f;
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-                if (g == j) { y0 = y_part[j][0]; y1 = y_part[j][1]; }
-            if (g < NT) {
-                const long long tok = tok0 + i;
-                const int col = 8 * g + 2 * t;
-#if M2_PARTIAL_Y
-                float* yp = reinterpret_cast<float*>(y) + ((kb * total_tokens + tok) * N + n) * M2_V + col;
-                *reinterpret_cast<Float2*>(yp) = Float2{y0, y1};
-#else
-                u16* yo = reinterpret_cast<u16*>(y) + (tok * N + n) * M2_V + col;
-                *reinterpret_cast<u32*>(yo) = (u32)float_to_out(y0) | ((u32)float_to_out(y1) << 16);
-#endif
             }
         }
         __syncwarp();
     }
+    readout();
     asm volatile("cp.async.wait_group 0;");
     store_state(ht + head_state);
 }

@@ -126,10 +126,15 @@ class CudaKernel:
                 f"finding {entry}",
             )
         self.entry = entry
+        self.device = device
         self.shared_limit = 48 * 1024  # dynamic shared memory a launch may use without asking
 
     def launch(self, grid: int, block: int, args: list, shared_bytes: int = 0) -> None:
-        """Launch on the current stream with `shared_bytes` of dynamic shared memory."""
+        """Launch on the kernel's device's current stream with `shared_bytes` of dynamic shared memory."""
+        with torch.cuda.device(self.device):
+            self._launch(grid, block, args, shared_bytes)
+
+    def _launch(self, grid: int, block: int, args: list, shared_bytes: int) -> None:
         if shared_bytes > self.shared_limit:
             _check_driver(
                 _driver().cuFuncSetAttribute(self.function, _MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes),
