@@ -452,8 +452,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
 #pragma unroll
                 for (int r = 0; r < M2_TILES; ++r) rows[r] = (t & 1) ? rows[M2_TILES + r] : rows[r];
 #else
-                halve_sum<1, 4 * M2_TILES>(rows, lane);  // lanes with t & 2 keep dk, the others dq
-                halve_sum<0, 2 * M2_TILES>(rows, lane);  // then rows my_rows + (t & 1)·TILES, TILES of them
+                reduce_level<4 * M2_TILES>(rows, 2, (lane >> 1) & 1);  // lanes with t & 2 keep dk, the others dq
+                reduce_level<2 * M2_TILES>(rows, 1, lane & 1);  // then rows my_rows + (t & 1)·TILES, TILES of them
 #endif
                 float cols[2 * NT];  // dv of column 8j + 2t + e at 2j + e
 #pragma unroll
@@ -461,10 +461,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                     cols[2 * j] = dv_part[j][0];
                     cols[2 * j + 1] = dv_part[j][1];
                 }
-                halve_sum<4, 2 * NT>(cols, lane);
-                halve_sum<3, NT>(cols, lane);
+                reduce_level<2 * NT>(cols, 16, (lane >> 4) & 1);
+                reduce_level<NT>(cols, 8, (lane >> 3) & 1);
 #if NT == 4
-                halve_sum<2, 2>(cols, lane);
+                reduce_level<2>(cols, 4, (lane >> 2) & 1);
                 const int col_slot = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
                 const bool stores_col = true;
 #else

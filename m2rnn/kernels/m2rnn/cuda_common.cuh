@@ -118,15 +118,20 @@ __device__ __forceinline__ float lane_sum(float x) {
     return x;
 }
 
-// Sum of x[0..COUNT) with the lane that differs in bit BIT, keeping half: lanes with the bit clear keep the sums of
-// the first half in x[0..COUNT/2), the others those of the second half (one shuffle per kept value).
-template <int BIT, int COUNT, int SIZE>
-__device__ __forceinline__ void halve_sum(float (&x)[SIZE], int lane) {
-    const bool upper = (lane >> BIT) & 1;
+// One level of a sum over lanes, across lane bit `mask`: with C even, the lane keeps the half of x[0, C) its lane
+// bit selects (in x[0, C/2) after) and adds the partner's copy of that half (one shuffle per kept value); with C
+// odd, a butterfly over all C values (partners end equal).
+template <int C>
+__device__ __forceinline__ void reduce_level(float* x, int mask, bool upper) {
+    if constexpr (C % 2 == 0) {
 #pragma unroll
-    for (int i = 0; i < COUNT / 2; ++i) {
-        const float send = upper ? x[i] : x[i + COUNT / 2];
-        const float keep = upper ? x[i + COUNT / 2] : x[i];
-        x[i] = keep + __shfl_xor_sync(0xffffffffu, send, 1 << BIT);
+        for (int m = 0; m < C / 2; ++m) {
+            const float keep = upper ? x[m + C / 2] : x[m];
+            const float send = upper ? x[m] : x[m + C / 2];
+            x[m] = keep + __shfl_xor_sync(0xffffffffu, send, mask);
+        }
+    } else {
+#pragma unroll
+        for (int m = 0; m < C; ++m) x[m] += __shfl_xor_sync(0xffffffffu, x[m], mask);
     }
 }

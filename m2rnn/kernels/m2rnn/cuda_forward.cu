@@ -22,6 +22,8 @@
 // multiple of 16), M2_PARTIAL_Y (K split over warps: y is a float32 partial per row block, summed by the caller).
 // Rows: tile tau's accumulator row g (g = lane / 4) is state row base + g·2·TILES + 2·tau, row g + 8 is the next.
 
+#include "cuda_common.cuh"
+
 #define P 16                     // steps per shared-memory stage
 #define NT (M2_V / 8)            // mma n-tiles across V
 #define KS (M2_V / 16)           // mma k-steps across V
@@ -37,22 +39,6 @@ constexpr int YC3 = YC2 % 2 ? YC2 : YC2 / 2;
 // else e-major, so the first level splits e and a lane ends with columns 8 apart.
 __device__ constexpr int y_value(int j, int e) { return YC3 % 2 == 0 ? 2 * j + e : e * NT + j; }
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-struct alignas(8) Float2 {
-    float x, y;
-};
-
-__device__ __forceinline__ float in_to_float(u16 x) {
-#if M2_BF16
-    return __uint_as_float(((u32)x) << 16);
-#else
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
-    return f;
-#endif
-}
-
 __device__ __forceinline__ u16 float_to_out(float x) {
     u16 r;
 #if M2_BF16
@@ -61,29 +47,6 @@ __device__ __forceinline__ u16 float_to_out(float x) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
 #endif
     return r;
-}
-
-__device__ __forceinline__ float lo_half(u32 x) { return in_to_float((u16)(x & 0xffffu)); }
-__device__ __forceinline__ float hi_half(u32 x) { return in_to_float((u16)(x >> 16)); }
-
-// float16 pair for an mma operand: lo -> the element with the smaller index.
-__device__ __forceinline__ u32 pack_half2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-__device__ __forceinline__ float tanh_approx(float x) {
-    float r;
-    asm("tanh.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
-}
-
-// d += a · b  (m16n8k16, float16 operands, float32 accumulation)
-__device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 #if M2_PARTIAL_Y
@@ -97,35 +60,6 @@ __device__ __forceinline__ void store_y2(u16* p, float a, float b) {
     *reinterpret_cast<u32*>(p) = (u32)float_to_out(a) | ((u32)float_to_out(b) << 16);
 }
 #endif
-
-// One level of the readout's sum over rows, across lane bit `mask`: C even, the lane keeps the half of x its lane
-// bit selects (x[0, C/2) after) and adds the partner's copy of it; C odd, a butterfly over all C.
-template <int C>
-__device__ __forceinline__ void reduce_level(float* x, int mask, bool upper) {
-    if constexpr (C % 2 == 0) {
-#pragma unroll
-        for (int m = 0; m < C / 2; ++m) {
-            const float keep = upper ? x[m + C / 2] : x[m];
-            const float send = upper ? x[m] : x[m + C / 2];
-            x[m] = keep + __shfl_xor_sync(0xffffffffu, send, mask);
-        }
-    } else {
-#pragma unroll
-        for (int m = 0; m < C; ++m) x[m] += __shfl_xor_sync(0xffffffffu, x[m], mask);
-    }
-}
-
-__device__ __forceinline__ u32 shared_address(const void* p) {
-    u32 r;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
-// 4-byte asynchronous copy global -> shared; zero-filled when !valid (src is then never read).
-__device__ __forceinline__ void copy_async4(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(shared_address(dst)), "l"(src),
-                 "r"(valid ? 4 : 0));
-}
 
 struct Stage {
     u16 k[P][ROWS];
@@ -205,14 +139,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
             const int i = word / (ROWS / 2), o = 2 * (word % (ROWS / 2));
             const bool valid = tok0 + i < eos;
             const long long tok = valid ? tok0 + i : bos;
-            copy_async4(&s.k[i][o], k + tok * NK * K + (long long)kh * K + row_base + o, valid);
-            copy_async4(&s.q[i][o], q + tok * NQ * K + (long long)qh * K + row_base + o, valid);
+            copy_async<4>(&s.k[i][o], k + tok * NK * K + (long long)kh * K + row_base + o, valid);
+            copy_async<4>(&s.q[i][o], q + tok * NQ * K + (long long)qh * K + row_base + o, valid);
         }
         for (int word = lane; word < P * M2_V / 2; word += 32) {
             const int i = word / (M2_V / 2), o = 2 * (word % (M2_V / 2));
             const bool valid = tok0 + i < eos;
             const long long tok = valid ? tok0 + i : bos;
-            copy_async4(&s.v[i][o], v + tok * NV * M2_V + (long long)vh * M2_V + o, valid);
+            copy_async<4>(&s.v[i][o], v + tok * NV * M2_V + (long long)vh * M2_V + o, valid);
         }
     };
     auto load_gate = [&](int chunk) -> float {
@@ -285,7 +219,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
     };
 
     if (num_chunks > 0) issue(0, st[0]);
-    asm volatile("cp.async.commit_group;");
+    copy_async_commit();
     float gate_next = num_chunks > 0 ? load_gate(0) : 0.0f;
 
     for (int chunk = 0; chunk < num_chunks; ++chunk) {
@@ -295,8 +229,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
             issue(chunk + 1, st[(chunk + 1) & 1]);
             gate_next = load_gate(chunk + 1);
         }
-        asm volatile("cp.async.commit_group;");
-        asm volatile("cp.async.wait_group 1;");
+        copy_async_commit();
+        copy_async_wait<1>();
         __syncwarp();
         load_step(s, 0);
 #if M2_STORE_CKPT
@@ -332,7 +266,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
                     const float v0 = lo_half(vv[j]), v1 = hi_half(vv[j]);
                     z[tau][j][0] = k0 * v0, z[tau][j][1] = k0 * v1, z[tau][j][2] = k1 * v0, z[tau][j][3] = k1 * v1;
 #pragma unroll
-                    for (int ks = 0; ks < KS; ++ks) mma_16816(z[tau][j], a[ks], wb[ks][j][0], wb[ks][j][1]);
+                    for (int ks = 0; ks < KS; ++ks) mma_f16(z[tau][j], a[ks], wb[ks][j][0], wb[ks][j][1]);
                 }
             }
             // At the stage's last step: a row of this stage never used (the next stage loads its step 0 itself).
@@ -357,6 +291,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
         __syncwarp();
     }
     readout();
-    asm volatile("cp.async.wait_group 0;");
+    copy_async_wait<0>();
     store_state(ht + head_state);
 }
