@@ -36,6 +36,9 @@ def test_block_k_pins_the_rows_per_warp():
     assert cuda_kernels.tiles_per_warp(84, 64, 16, H100_SMS, config) == 4
     # within the backward's register budget of 32 state columns per thread row
     assert cuda_kernels.tiles_per_warp(84, 64, 16, H100_SMS, config, cuda_kernels.BACKWARD_COLUMNS) == 2
+    # and in whole tiles per warp: K = 48 is three tiles, K = 96 six
+    assert cuda_kernels.tiles_per_warp(84, 48, 16, H100_SMS, config) == 1
+    assert cuda_kernels.tiles_per_warp(84, 96, 16, H100_SMS, config) == 2
 
 
 def test_backward_tiles_stay_within_its_register_budget():

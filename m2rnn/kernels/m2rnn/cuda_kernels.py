@@ -58,7 +58,10 @@ def tiles_per_warp(batch_heads: int, key_dim: int, value_dim: int, multiprocesso
     state columns per row (tiles · V). `config.block_k` pins 16 · tiles rows instead, within that budget.
     """
     if config.block_k is not None:
-        return max(1, min(config.block_k // TILE_ROWS, max_columns // value_dim))
+        tiles = max(1, min(config.block_k // TILE_ROWS, max_columns // value_dim))
+        while (key_dim // TILE_ROWS) % tiles:  # whole tiles per warp: K = 48 takes 1 of 16 rows, not 64
+            tiles //= 2
+        return tiles
     best_cost, best_tiles = math.inf, 1
     for tiles in (4, 2, 1):
         if (key_dim // TILE_ROWS) % tiles or tiles * value_dim > max_columns:
