@@ -58,9 +58,11 @@ def _driver() -> ctypes.CDLL:
 SOURCES = ("cuda_common.cuh", "cuda_forward.cu", "cuda_backward.cu")
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_kernels_available() -> bool:
     """True where the CUDA kernels can be compiled and launched: an NVIDIA device, NVRTC, the driver and the
-    kernel sources (a flat Hub export of the code carries only Python files)."""
+    kernel sources (a flat Hub export of the code carries only Python files). Asked on every recurrence call, so
+    answered once per process."""
     if not torch.cuda.is_available() or torch.version.hip is not None:
         return False
     if not all((_SOURCE_DIR / name).is_file() for name in SOURCES):
