@@ -88,13 +88,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
     // W for the recomputation (float16, as the forward) and Wᵀ for the carry (bfloat16 hi and lo).
     const float* wn = w + (long long)wh * M2_V * M2_V;
     u32 w16[KS][NT][2], wt_hi[KS][NT][2], wt_lo[KS][NT][2];
+    load_state_weight(w16, wn, g, t);
 #pragma unroll
     for (int s = 0; s < KS; ++s)
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
             const int r = 16 * s + 2 * t, c = 8 * j + g;
-            w16[s][j][0] = pack_half2(wn[r * M2_V + c], wn[(r + 1) * M2_V + c]);
-            w16[s][j][1] = pack_half2(wn[(r + 8) * M2_V + c], wn[(r + 9) * M2_V + c]);
             // Wᵀ[r][c] = W[c][r]
             const float x[4] = {wn[c * M2_V + r], wn[c * M2_V + r + 1], wn[c * M2_V + r + 8], wn[c * M2_V + r + 9]};
 #pragma unroll
@@ -506,15 +505,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                     Float2{dw_acc[mt][jn][2 * half], dw_acc[mt][jn][2 * half + 1]};
             }
 #if M2_STORE_DH0
-#pragma unroll
-    for (int tau = 0; tau < M2_TILES; ++tau)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int row = my_rows + 2 * tau + half, col = 8 * j + 2 * t;
-                *reinterpret_cast<Float2*>(dh0 + head_state + (long long)row * M2_V + col) =
-                    Float2{dh[tau][j][2 * half], dh[tau][j][2 * half + 1]};
-            }
+    store_state_tiles(dh, dh0 + head_state, my_rows, t);
 #endif
 }

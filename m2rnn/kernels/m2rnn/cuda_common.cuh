@@ -135,3 +135,34 @@ __device__ __forceinline__ void reduce_level(float* x, int mask, bool upper) {
         for (int m = 0; m < C; ++m) x[m] += __shfl_xor_sync(0xffffffffu, x[m], mask);
     }
 }
+
+// One head's (K, V) float32 state <-> a warp's state tiles x[TILES][V / 8][4]: rows my_rows + 2·tau (+1), cols
+// 8j + 2t (+1). Both kernels store (final state, checkpoints, dh0) through this.
+template <int TILES, int NTILES>
+__device__ __forceinline__ void store_state_tiles(const float (&x)[TILES][NTILES][4], float* dst, int my_rows, int t) {
+#pragma unroll
+    for (int tau = 0; tau < TILES; ++tau)
+#pragma unroll
+        for (int j = 0; j < NTILES; ++j)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int row = my_rows + 2 * tau + half, col = 8 * j + 2 * t;
+                *reinterpret_cast<Float2*>(dst + (long long)row * (8 * NTILES) + col) =
+                    Float2{x[tau][j][2 * half], x[tau][j][2 * half + 1]};
+            }
+}
+
+// W (V x V float32, V = 16·KSTEPS = 8·NTILES) as the float16 B fragments of H·W:
+// wb[s][j] = (W[16s+2t][8j+g], W[16s+2t+1][8j+g]), (rows + 8).
+template <int KSTEPS, int NTILES>
+__device__ __forceinline__ void load_state_weight(u32 (&wb)[KSTEPS][NTILES][2], const float* wn, int g, int t) {
+    constexpr int V = 8 * NTILES;
+#pragma unroll
+    for (int s = 0; s < KSTEPS; ++s)
+#pragma unroll
+        for (int j = 0; j < NTILES; ++j) {
+            const int r = 16 * s + 2 * t, c = 8 * j + g;
+            wb[s][j][0] = pack_half2(wn[r * V + c], wn[(r + 1) * V + c]);
+            wb[s][j][1] = pack_half2(wn[(r + 8) * V + c], wn[(r + 9) * V + c]);
+        }
+}

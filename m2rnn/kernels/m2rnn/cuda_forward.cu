@@ -102,17 +102,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
     const int my_rows = row_base + g * 2 * M2_TILES;  // + 2·tau + (0 | 1)
     const long long head_state = ((long long)b * N + n) * K * M2_V;
 
-    // W as B fragments: b0 = (W[16s+2t][8j+g], W[16s+2t+1][8j+g]), b1 = rows + 8.
     u32 wb[KS][NT][2];
-    const float* wn = w + (long long)wh * M2_V * M2_V;
-#pragma unroll
-    for (int s = 0; s < KS; ++s)
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            const int r = 16 * s + 2 * t, c = 8 * j + g;
-            wb[s][j][0] = pack_half2(wn[r * M2_V + c], wn[(r + 1) * M2_V + c]);
-            wb[s][j][1] = pack_half2(wn[(r + 8) * M2_V + c], wn[(r + 9) * M2_V + c]);
-        }
+    load_state_weight(wb, w + (long long)wh * M2_V * M2_V, g, t);
 
     // State: h[tau][j] = rows (my_rows + 2tau, my_rows + 2tau + 1) x cols (8j + 2t, 8j + 2t + 1).
     float h[M2_TILES][NT][4];
@@ -157,18 +148,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
 #else
         return in_to_float(reinterpret_cast<const u16*>(f)[tok * NF + fh]);
 #endif
-    };
-    auto store_state = [&](float* dst) {
-#pragma unroll
-        for (int tau = 0; tau < M2_TILES; ++tau)
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const int row = my_rows + 2 * tau + half, col = 8 * j + 2 * t;
-                    *reinterpret_cast<Float2*>(dst + (long long)row * M2_V + col) =
-                        Float2{h[tau][j][2 * half], h[tau][j][2 * half + 1]};
-                }
     };
 
     // After the reduction the lane holds the row sums of values [y_first, y_first + YC3); a butterfly level leaves
@@ -235,7 +214,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
         load_step(s, 0);
 #if M2_STORE_CKPT
         if ((chunk * P) % M2_CHUNK == 0)
-            store_state(checkpoints + ((first_chunk + chunk * P / M2_CHUNK) * N + n) * (long long)K * M2_V);
+            store_state_tiles(h, checkpoints + ((first_chunk + chunk * P / M2_CHUNK) * N + n) * (long long)K * M2_V,
+                              my_rows, t);
 #endif
         const int steps = length - chunk * P < P ? length - chunk * P : P;
 #pragma unroll 2
@@ -292,5 +272,5 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
     }
     readout();
     copy_async_wait<0>();
-    store_state(ht + head_state);
+    store_state_tiles(h, ht + head_state, my_rows, t);
 }
