@@ -61,6 +61,21 @@ def test_cuda_forward_does_not_cover_float32_or_cpu_inputs():
         assert not cuda_kernels.cuda_forward_covers(half, 64, 16, M2RNNTritonConfig(checkpoint_interval=8))
 
 
+def test_availability_is_a_constant_under_fullgraph_compile():
+    """A compiled decode step asks which backend runs: the availability check must not break the graph (its file
+    checks, made first, are untraceable; found by the GPU test of a `fullgraph=True` CUDA-graph decoder)."""
+    cuda_runtime._cuda_kernels_available.cache_clear()
+    try:
+        expected = cuda_runtime.cuda_kernels_available()
+        cuda_runtime._cuda_kernels_available.cache_clear()
+        torch._dynamo.reset()
+        step = torch.compile(lambda x: x + cuda_runtime.cuda_kernels_available(), fullgraph=True, backend="eager")
+        assert step(torch.zeros(2)).tolist() == [float(expected)] * 2
+    finally:
+        cuda_runtime._cuda_kernels_available.cache_clear()
+        torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU only
 # ----------------------------------------------------------------------------------------------------------------

@@ -58,14 +58,20 @@ def _driver() -> ctypes.CDLL:
 SOURCES = ("cuda_common.cuh", "cuda_forward.cu", "cuda_backward.cu")
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def cuda_kernels_available() -> bool:
     """True where the CUDA kernels can be compiled and launched: an NVIDIA device, NVRTC, the driver and the
     kernel sources (a flat Hub export of the code carries only Python files). Asked on every recurrence call, so
-    answered once per process."""
-    if not torch.cuda.is_available() or torch.version.hip is not None:
-        return False
+    answered once per process; under torch.compile a constant of the trace (its file checks cannot be traced, and
+    a `fullgraph=True` decode step asks it)."""
+    return _cuda_kernels_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_kernels_available() -> bool:
     if not all((_SOURCE_DIR / name).is_file() for name in SOURCES):
+        return False
+    if not torch.cuda.is_available() or torch.version.hip is not None:
         return False
     try:
         _nvrtc()
