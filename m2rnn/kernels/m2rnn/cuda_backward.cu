@@ -69,7 +69,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
     const int b = bn / N, n = bn % N;
     const int qh = n / (N / NQ), kh = n / (N / NK), vh = n / (N / NV), fh = n / (N / NF), wh = n / (N / NW);
 
-    long long bos, eos, first_chunk;
+    long long bos, eos;
+    [[maybe_unused]] long long first_chunk;  // read only where checkpoints are
 #if M2_VARLEN
     bos = cu_seqlens[b];
     eos = cu_seqlens[b + 1];
@@ -82,7 +83,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
     const int length = (int)(eos - bos);
     const int row_base = kb * ROWS;
     const int my_rows = row_base + g * 2 * M2_TILES;  // + 2·tau + (0 | 1), as in the forward
-    const long long head_state = ((long long)b * N + n) * K * M2_V;
+    [[maybe_unused]] const long long head_state = ((long long)b * N + n) * K * M2_V;
     float* my_scratch = scratch + (long long)item * SUB_PER_CHUNK * M2_TILES * NT * 32 * 4;
 
     // W for the recomputation (float16, as the forward) and Wᵀ for the carry (bfloat16 hi and lo).
@@ -149,6 +150,28 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
             a[s][1] = pack_half2(h[tau][2 * s][2], h[tau][2 * s][3]);
             a[s][2] = pack_half2(h[tau][2 * s + 1][0], h[tau][2 * s + 1][1]);
             a[s][3] = pack_half2(h[tau][2 * s + 1][2], h[tau][2 * s + 1][3]);
+        }
+    };
+
+    auto keep_state16 = [&](int i, int tau, const u32 (&a)[KS][4]) {
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) ws.state16[i][tau][ks][lane] = U32x4{a[ks][0], a[ks][1], a[ks][2], a[ks][3]};
+    };
+    // Step i of a recomputation (A1; A2 keeps the float16 state before it). No branch inside: the tiles' chains
+    // interleave.
+    auto recompute_step = [&](const Stage& s, int i, bool keeps_state16) {
+        const float gate = s.f[i], keep = 1.0f - gate;
+#pragma unroll
+        for (int tau = 0; tau < M2_TILES; ++tau) {
+            u32 a[KS][4];
+            pack_state(tau, a);
+            if (keeps_state16) keep_state16(i, tau, a);
+            float z[NT][4];
+            step(tau, a, *reinterpret_cast<const u32*>(&s.k[i][g * 2 * M2_TILES + 2 * tau]), s.v[i], keep, z);
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) h[tau][j][e] = gated_update(h[tau][j][e], gate, keep, z[j][e]);
         }
     };
 
@@ -252,20 +275,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
         copy_async_commit();
 
         if (!backward_visit) {  // A1
-            for (int i = 0; i < steps; ++i) {
-                const float keep = 1.0f - s.f[i];
-#pragma unroll
-                for (int tau = 0; tau < M2_TILES; ++tau) {
-                    u32 a[KS][4];
-                    pack_state(tau, a);
-                    float z[NT][4];
-                    step(tau, a, *reinterpret_cast<const u32*>(&s.k[i][g * 2 * M2_TILES + 2 * tau]), s.v[i], keep, z);
-#pragma unroll
-                    for (int j = 0; j < NT; ++j)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) h[tau][j][e] += keep * (z[j][e] - h[tau][j][e]);
-                }
-            }
+            for (int i = 0; i < steps; ++i) recompute_step(s, i, false);
         } else {
             // A2: the float16 state before each step of the sub-chunk, into shared memory.
 #pragma unroll
@@ -274,31 +284,22 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                 for (int j = 0; j < NT; ++j)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) h[tau][j][e] = s.h[tau][j][lane][e];
-            for (int i = 0; i < steps; ++i) {
-                const float keep = 1.0f - s.f[i];
+            for (int i = 0; i + 1 < steps; ++i) recompute_step(s, i, true);
 #pragma unroll
-                for (int tau = 0; tau < M2_TILES; ++tau) {
-                    u32 a[KS][4];
-                    pack_state(tau, a);
-#pragma unroll
-                    for (int ks = 0; ks < KS; ++ks)
-                        ws.state16[i][tau][ks][lane] = U32x4{a[ks][0], a[ks][1], a[ks][2], a[ks][3]};
-                    if (i + 1 < steps) {  // the state after the last step is not needed
-                        float z[NT][4];
-                        step(tau, a, *reinterpret_cast<const u32*>(&s.k[i][g * 2 * M2_TILES + 2 * tau]), s.v[i],
-                             keep, z);
-#pragma unroll
-                        for (int j = 0; j < NT; ++j)
-#pragma unroll
-                            for (int e = 0; e < 4; ++e) h[tau][j][e] += keep * (z[j][e] - h[tau][j][e]);
-                    }
-                }
+            for (int tau = 0; tau < M2_TILES; ++tau) {  // the state after the last step is not needed
+                u32 a[KS][4];
+                pack_state(tau, a);
+                keep_state16(steps - 1, tau, a);
             }
-            // B: the sub-chunk backwards.
+            // B: the sub-chunk backwards. Output addresses at the sub-chunk's first token, stepped by whole tokens.
+            const long long head_token0 = tok0 * N + n, block_token0 = (kb * total_tokens + tok0) * N + n;
+            float* const row_out0 = ((t & 2) ? dk : dq) + head_token0 * K + my_rows + (t & 1) * M2_TILES;
+            float* const dv_out0 = dv + block_token0 * M2_V + 2 * t;
+            float* const df_out0 = df + block_token0;
             for (int i = steps - 1; i >= 0; --i) {
-                const long long tok = tok0 + i;
                 const float gate = s.f[i], keep = 1.0f - gate;
-                float dy_col[NT][2], v_col[NT][2];
+                float dy_col[NT][2];
+                [[maybe_unused]] float v_col[NT][2];  // dk on the FMA units (float16 inputs)
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
                     const u32 dd = *reinterpret_cast<const u32*>(&s.dy[i][8 * j + 2 * t]);
@@ -472,16 +473,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                 const bool stores_col = (lane & 4) == 0;
 #endif
                 df_part = lane_sum<31>(df_part);
-                const long long head_token = tok * N + n;
-                const long long block_token = (kb * total_tokens + tok) * N + n;
-                float* row_out = ((t & 2) ? dk : dq) + head_token * K + my_rows + (t & 1) * M2_TILES;
+                float* const row_out = row_out0 + (long long)i * N * K;
 #if M2_TILES == 2
                 *reinterpret_cast<Float2*>(row_out) = Float2{rows[0], rows[1]};
 #else
                 row_out[0] = rows[0];
 #endif
-                if (stores_col) dv[block_token * M2_V + 8 * (col_slot >> 1) + 2 * t + (col_slot & 1)] = cols[0];
-                if (lane == 0) df[block_token] = df_part;
+                if (stores_col) dv_out0[(long long)i * N * M2_V + 8 * (col_slot >> 1) + (col_slot & 1)] = cols[0];
+                if (lane == 0) df_out0[(long long)i * N] = df_part;
             }
         }
         __syncwarp();

@@ -61,6 +61,12 @@ __device__ __forceinline__ float tanh_approx(float x) {
     return r;
 }
 
+// H = f H + (1 - f) Z as fma(1 - f, Z, f H): f H does not wait for Z, so one dependent operation follows the tanh
+// (h + (1 - f)(Z - h) had two). The forward and the backward's recomputations round alike through this.
+__device__ __forceinline__ float gated_update(float h, float gate, float keep, float z) {
+    return __fmaf_rn(keep, z, __fmul_rn(gate, h));
+}
+
 // d += a · b  (m16n8k16, float16 operands, float32 accumulation)
 __device__ __forceinline__ void mma_f16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"

@@ -87,7 +87,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
     const int b = bn / N, n = bn % N;
     const int qh = n / (N / NQ), kh = n / (N / NK), vh = n / (N / NV), fh = n / (N / NF), wh = n / (N / NW);
 
-    long long bos, eos, first_chunk;
+    long long bos, eos;
+    [[maybe_unused]] long long first_chunk;  // read only where checkpoints are
 #if M2_VARLEN
     bos = cu_seqlens[b];
     eos = cu_seqlens[b + 1];
@@ -100,7 +101,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
     const int length = (int)(eos - bos);
     const int row_base = kb * ROWS;
     const int my_rows = row_base + g * 2 * M2_TILES;  // + 2·tau + (0 | 1)
-    const long long head_state = ((long long)b * N + n) * K * M2_V;
+    [[maybe_unused]] const long long head_state = ((long long)b * N + n) * K * M2_V;
 
     u32 wb[KS][NT][2];
     load_state_weight(wb, w + (long long)wh * M2_V * M2_V, g, t);
@@ -228,7 +229,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
             }
 #pragma unroll
             for (int j = 0; j < NT; ++j) vv[j] = v_next[j];
-            const float keep = 1.0f - f_next;  // (1 - f): the weight of the new candidate
+            const float f_step = f_next, keep = 1.0f - f_step;  // (1 - f): the weight of the new candidate
             float z[M2_TILES][NT][4];
 #pragma unroll
             for (int tau = 0; tau < M2_TILES; ++tau) {
@@ -259,7 +260,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) m2rnn_forward(
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) h[tau][j][e] += keep * (tanh_approx(z[tau][j][e]) - h[tau][j][e]);
+                    for (int e = 0; e < 4; ++e)
+                        h[tau][j][e] = gated_update(h[tau][j][e], f_step, keep, tanh_approx(z[tau][j][e]));
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         const float part = q0 * h[tau][j][e] + q1 * h[tau][j][2 + e];
