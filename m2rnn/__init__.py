@@ -13,10 +13,14 @@ AutoConfig.register(M2RNNConfig.model_type, M2RNNConfig, exist_ok=True)
 AutoModel.register(M2RNNConfig, M2RNNModel, exist_ok=True)
 AutoModelForCausalLM.register(M2RNNConfig, M2RNNForCausalLM, exist_ok=True)
 
-# default LoRA targets for `LoraConfig()` in PEFT's per-model-type table, when PEFT is already imported
-from .training import register_peft_defaults_if_imported  # noqa: E402
+# default LoRA targets for `LoraConfig()` in PEFT's per-model-type table: now if PEFT is already imported, else when a
+# model is built (where PEFT is installed)
+from .modeling_m2rnn import MODEL_BUILT_HOOKS  # noqa: E402
+from .training import register_peft_defaults_if_imported, register_peft_defaults_where_installed  # noqa: E402
 
 register_peft_defaults_if_imported()
+if register_peft_defaults_where_installed not in MODEL_BUILT_HOOKS:
+    MODEL_BUILT_HOOKS.append(register_peft_defaults_where_installed)
 
 __version__ = "0.1.0"
 __all__ = ["M2RNNCache", "M2RNNConfig", "M2RNNForCausalLM", "M2RNNModel", "M2RNNPreTrainedModel", "M2RNNStaticCache"]

@@ -9,7 +9,7 @@ live in `mixers_m2rnn`, the caches in `cache_m2rnn`, the input checks in `inputs
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -362,6 +362,11 @@ def _some(names: Any, limit: int = 8) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------
+MODEL_BUILT_HOOKS: list[Callable[[], None]] = []
+"""Called, without arguments, each time a model is built: the installed package registers its optional integrations
+here (PEFT's default LoRA targets, `m2rnn.training`). The flat Hub copy of this file has none."""
+
+
 class M2RNNModel(M2RNNPreTrainedModel):
     def __init__(self, config: M2RNNConfig):
         super().__init__(config)
@@ -372,6 +377,8 @@ class M2RNNModel(M2RNNPreTrainedModel):
         self.rotary_emb = M2RNNRotaryEmbedding(config) if uses_rope else None
         self.gradient_checkpointing = False
         self.post_init()
+        for hook in MODEL_BUILT_HOOKS:
+            hook()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens

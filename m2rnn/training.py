@@ -9,12 +9,13 @@ Nothing here is needed to train with `Trainer`: the model computes its causal-LM
 
 PEFT is optional and never imported by `import m2rnn`. `LoraConfig()` without `target_modules` finds our defaults
 in PEFT's per-model-type table (`register_peft_defaults`): `import m2rnn` fills it in when PEFT is already
-imported, and so do the helpers here that come before `get_peft_model` (`lora_target_modules`,
-`recurrent_modules_to_save`); otherwise pass `target_modules=list(DEFAULT_LORA_TARGET_MODULES)` or call `register_peft_defaults()`.
+imported, and building a model does where PEFT is installed (importing it then), so the import order does not
+matter. A model loaded from a Hub folder without this package needs `target_modules=list(DEFAULT_LORA_TARGET_MODULES)`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Iterable
@@ -139,6 +140,13 @@ def register_peft_defaults(model_type: str = M2RNNConfig.model_type) -> None:
 def register_peft_defaults_if_imported() -> None:
     """`register_peft_defaults()` when PEFT is already imported; nothing otherwise (PEFT costs hundreds of modules)."""
     if "peft.utils.constants" in sys.modules:
+        register_peft_defaults()
+
+
+def register_peft_defaults_where_installed() -> None:
+    """`register_peft_defaults()` when PEFT is installed. Runs when a model is built (`MODEL_BUILT_HOOKS`), so
+    `LoraConfig()` finds our defaults whatever the import order; it imports PEFT then, once per process."""
+    if importlib.util.find_spec("peft") is not None:
         register_peft_defaults()
 
 

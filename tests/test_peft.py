@@ -77,7 +77,11 @@ DEFAULT_TARGETS_CHECK = (
     "assert 'peft' not in sys.modules, 'import m2rnn imported peft'\nassert sys.meta_path == hooks\n"
     "from peft import LoraConfig, get_peft_model\n"
     "from m2rnn.training import lora_target_modules\nlora_target_modules(m2rnn.M2RNNConfig.from_preset('tiny'))\n",
-], ids=["peft-first", "m2rnn-first"])
+    # m2rnn first, the model built before PEFT is imported, none of our helpers called: building it registers
+    "import sys, torch, transformers\nimport m2rnn\nassert 'peft' not in sys.modules\n"
+    "built = m2rnn.M2RNNForCausalLM(m2rnn.M2RNNConfig.from_preset('tiny'))\n"
+    "from peft import LoraConfig, get_peft_model\n",
+], ids=["peft-first", "m2rnn-first", "model-before-peft"])
 def test_default_lora_targets_are_registered_without_an_import_hook(order):
     result = subprocess.run([sys.executable, "-c", order + DEFAULT_TARGETS_CHECK], capture_output=True, text=True,
                             timeout=120)
