@@ -47,6 +47,26 @@ def check_inputs(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | N
         raise ValueError(f"M2RNNModel: `{name}` is empty (shape {tuple(tensor.shape)}); pass at least one token per row")
 
 
+def embed_ids(embedding: torch.nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+    """`embedding(input_ids)`. Where torch raises its IndexError (ids outside the vocabulary, on CPU), a ValueError
+    naming them instead; found after the fact, so valid ids cost no host sync (on CUDA such ids trip a device-side
+    assert, which nothing can catch)."""
+    if torch.compiler.is_compiling():
+        return embedding(input_ids)
+    try:
+        return embedding(input_ids)
+    except IndexError as error:
+        size = embedding.num_embeddings
+        bad = input_ids[(input_ids < 0) | (input_ids >= size)].unique().tolist()
+        if not bad:
+            raise
+        shown = ", ".join(map(str, bad[:8])) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise ValueError(
+            f"M2RNNModel: `input_ids` holds {shown}, outside the vocabulary [0, {size}) (vocab_size {size}): a "
+            "tokenizer of another model, or added tokens without `model.resize_token_embeddings(len(tokenizer))`"
+        ) from error
+
+
 def check_attention_mask(
     attention_mask: torch.Tensor, batch: int, seq_len: int, cache: Cache | None
 ) -> None:

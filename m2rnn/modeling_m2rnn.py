@@ -32,6 +32,7 @@ from .inputs_m2rnn import (
     check_attention_mask,
     check_inputs,
     cu_seqlens_from_position_ids,
+    embed_ids,
     one_cache,
     position_ids_from_cu_seqlens,
 )
@@ -408,7 +409,7 @@ class M2RNNModel(M2RNNPreTrainedModel):
             raise ValueError("M2RNNModel: pass exactly one of `input_ids` and `inputs_embeds`")
         check_inputs(input_ids, inputs_embeds)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = embed_ids(self.embed_tokens, input_ids)
         seq_len = inputs_embeds.shape[1]
         if past_key_values is not None:
             check_cache(past_key_values, self.config)

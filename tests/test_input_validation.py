@@ -29,6 +29,17 @@ def test_badly_shaped_inputs_embeds():
         model(inputs_embeds=torch.zeros(4, 64))
 
 
+def test_ids_outside_the_vocabulary_are_named():
+    model = make_model("tiny")
+    size = model.config.vocab_size
+    ids = torch.tensor([[1, size + 3, 2, -1, size + 3]])
+    with pytest.raises(ValueError, match=rf"`input_ids` holds -1, {size + 3}, outside the vocabulary \[0, {size}\)"):
+        model(ids)
+    with pytest.raises(ValueError, match="outside the vocabulary"):  # the user path: generate
+        model.generate(ids, max_new_tokens=2)
+    assert model(ids.clamp(0, size - 1)).logits.shape == (1, 5, size)  # valid ids are unaffected
+
+
 @pytest.mark.parametrize("name", ["tiny", "m2rnn"])
 def test_a_cache_without_our_layer_kinds_is_refused(name):
     model = make_model(name)
