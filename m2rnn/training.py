@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -145,9 +146,15 @@ def register_peft_defaults_if_imported() -> None:
 
 def register_peft_defaults_where_installed() -> None:
     """`register_peft_defaults()` when PEFT is installed. Runs when a model is built (`MODEL_BUILT_HOOKS`), so
-    `LoraConfig()` finds our defaults whatever the import order; it imports PEFT then, once per process."""
-    if importlib.util.find_spec("peft") is not None:
+    `LoraConfig()` finds our defaults whatever the import order; it imports PEFT then, once per process. A PEFT
+    that fails to import only warns: building a model never fails over an optional integration."""
+    if importlib.util.find_spec("peft") is None:
+        return
+    try:
         register_peft_defaults()
+    except Exception as error:
+        warnings.warn(f"m2rnn: could not register the default LoRA targets with PEFT ({error!r}); pass "
+                      "LoraConfig(target_modules=...) yourself", stacklevel=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------

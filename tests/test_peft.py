@@ -88,6 +88,18 @@ def test_default_lora_targets_are_registered_without_an_import_hook(order):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_a_broken_peft_install_does_not_stop_building_a_model(monkeypatch):
+    import m2rnn.training
+
+    def broken() -> None:
+        raise ImportError("peft needs a newer transformers")
+
+    monkeypatch.setattr(m2rnn.training, "register_peft_defaults", broken)
+    with pytest.warns(UserWarning, match="could not register the default LoRA targets.*newer transformers"):
+        model = M2RNNForCausalLM(M2RNNConfig.from_preset("tiny"))
+    assert model.config.model_type == "m2rnn"
+
+
 def test_default_lora_config_targets_every_mixer():
     model = get_peft_model(base_model(), LoraConfig(r=2))  # no target_modules: our registered defaults
     assert adapted_suffixes(model) == set(DEFAULT_LORA_TARGET_MODULES)
