@@ -31,12 +31,16 @@
 // a conversion), so float16 inputs sum them on the FMA units with shuffles.
 #define ROW_SUMS_ON_TENSOR_CORES M2_BF16
 
+struct alignas(16) StepInputs {  // one step's inputs: every load of a step addresses one base
+    u16 k[ROWS];
+    u16 q[ROWS];
+    u16 v[M2_V];
+    u16 dy[M2_V];
+    float f;
+};
+
 struct alignas(16) Stage {  // one visit: inputs of SUB steps and the state it starts from (thread-private fragments)
-    u16 k[SUB][ROWS];
-    u16 q[SUB][ROWS];
-    u16 v[SUB][M2_V];
-    u16 dy[SUB][M2_V];
-    float f[SUB];
+    StepInputs in[SUB];
     float h[M2_TILES][NT][32][4];
 };
 
@@ -128,19 +132,25 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
 
     float h[M2_TILES][NT][4];
 
-    // One recurrence step on h from the packed float16 operand a (the forward's arithmetic exactly); returns
-    // nothing, leaves tanh(Z) in z when asked.
-    auto step = [&](int tau, const u32 (&a)[KS][4], u32 kk, const u16* vrow, float keep, float (&z)[NT][4]) {
+    // Z = tanh(H W + k vᵀ) of one tile from its packed float16 state a: the forward's arithmetic exactly.
+    auto step = [&](const u32 (&a)[KS][4], u32 kk, const float (&v_col)[NT][2], float (&z)[NT][4]) {
         const float k0 = lo_half(kk), k1 = hi_half(kk);
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-            const u32 vv = *reinterpret_cast<const u32*>(vrow + 8 * j + 2 * t);
-            const float v0 = lo_half(vv), v1 = hi_half(vv);
-            float acc[4] = {k0 * v0, k0 * v1, k1 * v0, k1 * v1};
+            float acc[4] = {k0 * v_col[j][0], k0 * v_col[j][1], k1 * v_col[j][0], k1 * v_col[j][1]};
 #pragma unroll
             for (int s = 0; s < KS; ++s) mma_f16(acc, a[s], w16[s][j][0], w16[s][j][1]);
 #pragma unroll
             for (int e = 0; e < 4; ++e) z[j][e] = tanh_approx(acc[e]);
+        }
+    };
+    // A step's row of V values (v or dy) at this lane's accumulator columns 8j + 2t (+1), read once per step.
+    auto load_columns = [&](const u16* row, float (&x)[NT][2]) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const u32 pair = *reinterpret_cast<const u32*>(row + 8 * j + 2 * t);
+            x[j][0] = lo_half(pair);
+            x[j][1] = hi_half(pair);
         }
     };
     auto pack_state = [&](int tau, u32 (&a)[KS][4]) {
@@ -159,15 +169,17 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
     };
     // Step i of a recomputation (A1; A2 keeps the float16 state before it). No branch inside: the tiles' chains
     // interleave.
-    auto recompute_step = [&](const Stage& s, int i, bool keeps_state16) {
-        const float gate = s.f[i], keep = 1.0f - gate;
+    auto recompute_step = [&](const StepInputs& in, int i, bool keeps_state16) {
+        const float gate = in.f, keep = 1.0f - gate;
+        float v_col[NT][2];
+        load_columns(in.v, v_col);
 #pragma unroll
         for (int tau = 0; tau < M2_TILES; ++tau) {
             u32 a[KS][4];
             pack_state(tau, a);
             if (keeps_state16) keep_state16(i, tau, a);
             float z[NT][4];
-            step(tau, a, *reinterpret_cast<const u32*>(&s.k[i][g * 2 * M2_TILES + 2 * tau]), s.v[i], keep, z);
+            step(a, *reinterpret_cast<const u32*>(&in.k[g * 2 * M2_TILES + 2 * tau]), v_col, z);
 #pragma unroll
             for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -190,16 +202,16 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
             const int i = c / ROW_CHUNKS, o = 8 * (c % ROW_CHUNKS);
             const bool valid = tok0 + i < eos;
             const long long tok = valid ? tok0 + i : bos;
-            copy_async<16>(&s.k[i][o], k + tok * NK * K + (long long)kh * K + row_base + o, valid);
+            copy_async<16>(&s.in[i].k[o], k + tok * NK * K + (long long)kh * K + row_base + o, valid);
             if (backward_visit)
-                copy_async<16>(&s.q[i][o], q + tok * NQ * K + (long long)qh * K + row_base + o, valid);
+                copy_async<16>(&s.in[i].q[o], q + tok * NQ * K + (long long)qh * K + row_base + o, valid);
         }
         for (int c = lane; c < SUB * COL_CHUNKS; c += 32) {
             const int i = c / COL_CHUNKS, o = 8 * (c % COL_CHUNKS);
             const bool valid = tok0 + i < eos;
             const long long tok = valid ? tok0 + i : bos;
-            copy_async<16>(&s.v[i][o], v + tok * NV * M2_V + (long long)vh * M2_V + o, valid);
-            if (backward_visit) copy_async<16>(&s.dy[i][o], dy + (tok * N + n) * M2_V + o, valid);
+            copy_async<16>(&s.in[i].v[o], v + tok * NV * M2_V + (long long)vh * M2_V + o, valid);
+            if (backward_visit) copy_async<16>(&s.in[i].dy[o], dy + (tok * N + n) * M2_V + o, valid);
         }
         if (backward_visit) {
             const float* src = my_scratch + (long long)sub * M2_TILES * NT * 32 * 4;
@@ -232,13 +244,27 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
         }
     };
 
+    // Where this lane stores B's per-step outputs (token 0; plus token · step): dq or dk of TILES rows (lanes with
+    // t & 2 keep dk), one dv column after the halving reduction (col_slot), df from lane 0.
+#if NT == 4
+    const int col_slot = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
+    const bool stores_col = true;
+#else
+    const int col_slot = ((lane >> 4) & 1) * 2 + ((lane >> 3) & 1);
+    const bool stores_col = (lane & 4) == 0;
+#endif
+    const long long row_step = (long long)N * K, dv_step = (long long)N * M2_V;
+    float* const row_lane = ((t & 2) ? dk : dq) + (long long)n * K + my_rows + (t & 1) * M2_TILES;
+    float* const dv_lane = dv + ((long long)kb * total_tokens * N + n) * M2_V + 2 * t + 8 * (col_slot >> 1) + (col_slot & 1);
+    float* const df_lane = df + (long long)kb * total_tokens * N + n;
+
     int backward_visit = 0, chunk = num_chunks - 1, sub = 0, parity = 0;
     if (num_chunks > 0) issue(0, chunk, 0, ws.stage[0]);
     copy_async_commit();
     while (chunk >= 0) {
         Stage& s = ws.stage[parity];
         copy_async_wait<0>();
-        if (lane < SUB) s.f[lane] = gate_pending;
+        if (lane < SUB) s.in[lane].f = gate_pending;
         __syncwarp();
         const int subs = subs_of(chunk);
         const long long tok0 = bos + (long long)chunk * M2_CHUNK + sub * SUB;
@@ -275,7 +301,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
         copy_async_commit();
 
         if (!backward_visit) {  // A1
-            for (int i = 0; i < steps; ++i) recompute_step(s, i, false);
+            for (int i = 0; i < steps; ++i) recompute_step(s.in[i], i, false);
         } else {
             // A2: the float16 state before each step of the sub-chunk, into shared memory.
 #pragma unroll
@@ -284,31 +310,23 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                 for (int j = 0; j < NT; ++j)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) h[tau][j][e] = s.h[tau][j][lane][e];
-            for (int i = 0; i + 1 < steps; ++i) recompute_step(s, i, true);
+            for (int i = 0; i + 1 < steps; ++i) recompute_step(s.in[i], i, true);
 #pragma unroll
             for (int tau = 0; tau < M2_TILES; ++tau) {  // the state after the last step is not needed
                 u32 a[KS][4];
                 pack_state(tau, a);
                 keep_state16(steps - 1, tau, a);
             }
-            // B: the sub-chunk backwards. Output addresses at the sub-chunk's first token, stepped by whole tokens.
-            const long long head_token0 = tok0 * N + n, block_token0 = (kb * total_tokens + tok0) * N + n;
-            float* const row_out0 = ((t & 2) ? dk : dq) + head_token0 * K + my_rows + (t & 1) * M2_TILES;
-            float* const dv_out0 = dv + block_token0 * M2_V + 2 * t;
-            float* const df_out0 = df + block_token0;
-            for (int i = steps - 1; i >= 0; --i) {
-                const float gate = s.f[i], keep = 1.0f - gate;
-                float dy_col[NT][2];
-                [[maybe_unused]] float v_col[NT][2];  // dk on the FMA units (float16 inputs)
-#pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    const u32 dd = *reinterpret_cast<const u32*>(&s.dy[i][8 * j + 2 * t]);
-                    const u32 vv = *reinterpret_cast<const u32*>(&s.v[i][8 * j + 2 * t]);
-                    dy_col[j][0] = lo_half(dd);
-                    dy_col[j][1] = hi_half(dd);
-                    v_col[j][0] = lo_half(vv);
-                    v_col[j][1] = hi_half(vv);
-                }
+            // B: the sub-chunk backwards. Inputs, kept states and outputs addressed at the last step, stepped back.
+            float* row_out = row_lane + (tok0 + steps - 1) * row_step;
+            float* dv_out = dv_lane + (tok0 + steps - 1) * dv_step;
+            float* df_out = df_lane + (tok0 + steps - 1) * N;
+            for (int i = steps - 1; i >= 0; --i, row_out -= row_step, dv_out -= dv_step, df_out -= N) {
+                const StepInputs& in = s.in[i];
+                const float gate = in.f, keep = 1.0f - gate;
+                float dy_col[NT][2], v_col[NT][2];
+                load_columns(in.dy, dy_col);
+                load_columns(in.v, v_col);
                 float dv_part[NT][2];
 #pragma unroll
                 for (int j = 0; j < NT; ++j) dv_part[j][0] = dv_part[j][1] = 0.0f;
@@ -316,8 +334,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                 float dq_rows[M2_TILES][2], dk_rows[M2_TILES][2];
 #pragma unroll
                 for (int tau = 0; tau < M2_TILES; ++tau) {
-                    const u32 kk = *reinterpret_cast<const u32*>(&s.k[i][g * 2 * M2_TILES + 2 * tau]);
-                    const u32 qq = *reinterpret_cast<const u32*>(&s.q[i][g * 2 * M2_TILES + 2 * tau]);
+                    const u32 kk = *reinterpret_cast<const u32*>(&in.k[g * 2 * M2_TILES + 2 * tau]);
+                    const u32 qq = *reinterpret_cast<const u32*>(&in.q[g * 2 * M2_TILES + 2 * tau]);
                     const float k0 = lo_half(kk), k1 = hi_half(kk), q0 = lo_half(qq), q1 = hi_half(qq);
                     u32 a[KS][4];
 #pragma unroll
@@ -338,7 +356,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                             hp[j][e + 1] = half_to_float(a[ks][p] >> 16);
                         }
                     float z[NT][4];
-                    step(tau, a, kk, s.v[i], keep, z);
+                    step(a, kk, v_col, z);
 
                     float dx[NT][4];
                     dq_rows[tau][0] = dq_rows[tau][1] = dk_rows[tau][0] = dk_rows[tau][1] = 0.0f;
@@ -374,17 +392,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                             x_lo[ks][p] = pack_bf16x2(dx[j][e] - bf16_lo(x_hi[ks][p]), dx[j][e + 1] - bf16_hi(x_hi[ks][p]));
                         }
 #pragma unroll
-                    for (int j = 0; j < NT; ++j) {
-                        float small[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    for (int j = 0; j < NT; ++j)
 #pragma unroll
-                        for (int ks = 0; ks < KS; ++ks) {
+                        for (int ks = 0; ks < KS; ++ks) {  // one accumulator: float32 sums, in order of readiness
                             mma_bf16(dh[tau][j], x_hi[ks], wt_hi[ks][j][0], wt_hi[ks][j][1]);
-                            mma_bf16(small, x_lo[ks], wt_hi[ks][j][0], wt_hi[ks][j][1]);
-                            mma_bf16(small, x_hi[ks], wt_lo[ks][j][0], wt_lo[ks][j][1]);
+                            mma_bf16(dh[tau][j], x_hi[ks], wt_lo[ks][j][0], wt_lo[ks][j][1]);
+                            mma_bf16(dh[tau][j], x_lo[ks], wt_hi[ks][j][0], wt_hi[ks][j][1]);
                         }
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) dh[tau][j][e] += small[e];
-                    }
                     u32 hp_bf16[KS][4];
 #pragma unroll
                     for (int ks = 0; ks < KS; ++ks)
@@ -407,10 +421,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                                 const int j = 2 * ks + (r >> 1), e = 2 * (r & 1);
                                 z_bf16[r] = pack_bf16x2(z[j][e], z[j][e + 1]);
                             }
-                            const u32 dy0 = *reinterpret_cast<const u32*>(&s.dy[i][16 * ks + 2 * t]);
-                            const u32 dy1 = *reinterpret_cast<const u32*>(&s.dy[i][16 * ks + 8 + 2 * t]);
-                            const u32 v0 = *reinterpret_cast<const u32*>(&s.v[i][16 * ks + 2 * t]);
-                            const u32 v1 = *reinterpret_cast<const u32*>(&s.v[i][16 * ks + 8 + 2 * t]);
+                            const u32 dy0 = *reinterpret_cast<const u32*>(&in.dy[16 * ks + 2 * t]);
+                            const u32 dy1 = *reinterpret_cast<const u32*>(&in.dy[16 * ks + 8 + 2 * t]);
+                            const u32 v0 = *reinterpret_cast<const u32*>(&in.v[16 * ks + 2 * t]);
+                            const u32 v1 = *reinterpret_cast<const u32*>(&in.v[16 * ks + 8 + 2 * t]);
                             mma_bf16(from_state, hp_bf16[ks], dy0, dy1);
                             mma_bf16(from_z, z_bf16, dy0, dy1);
                             mma_bf16(dk_acc, x_hi[ks], v0, v1);
@@ -465,22 +479,17 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
                 reduce_level<NT>(cols, 8, (lane >> 3) & 1);
 #if NT == 4
                 reduce_level<2>(cols, 4, (lane >> 2) & 1);
-                const int col_slot = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
-                const bool stores_col = true;
 #else
                 cols[0] = lane_sum<4>(cols[0]);
-                const int col_slot = ((lane >> 4) & 1) * 2 + ((lane >> 3) & 1);
-                const bool stores_col = (lane & 4) == 0;
 #endif
                 df_part = lane_sum<31>(df_part);
-                float* const row_out = row_out0 + (long long)i * N * K;
 #if M2_TILES == 2
                 *reinterpret_cast<Float2*>(row_out) = Float2{rows[0], rows[1]};
 #else
                 row_out[0] = rows[0];
 #endif
-                if (stores_col) dv_out0[(long long)i * N * M2_V + 8 * (col_slot >> 1) + (col_slot & 1)] = cols[0];
-                if (lane == 0) df_out0[(long long)i * N] = df_part;
+                if (stores_col) *dv_out = cols[0];
+                if (lane == 0) *df_out = df_part;
             }
         }
         __syncwarp();

@@ -120,8 +120,8 @@ def _backward_shared_bytes(tiles: int, value_dim: int) -> int:
     """Dynamic shared memory of one block of `cuda_backward.cu` (its WarpShared, per warp); the kernel traps if the
     formula and the struct ever disagree."""
     rows = TILE_ROWS * tiles
-    stage = SUB_STEPS * (2 * rows * 2 + 2 * value_dim * 2 + 4) + tiles * (value_dim // 8) * 32 * 4 * 4
-    stage = -(-stage // 16) * 16
+    step_inputs = -(-(2 * rows * 2 + 2 * value_dim * 2 + 4) // 16) * 16  # StepInputs: k, q, v, dy, f; 16-aligned
+    stage = SUB_STEPS * step_inputs + tiles * (value_dim // 8) * 32 * 4 * 4
     states = SUB_STEPS * tiles * (value_dim // 16) * 32 * 16
     return WARPS_PER_BLOCK * (2 * stage + states)
 
