@@ -61,6 +61,64 @@ def test_cuda_forward_does_not_cover_float32_or_cpu_inputs():
         assert not cuda_kernels.cuda_forward_covers(half, 64, 16, M2RNNTritonConfig(checkpoint_interval=8))
 
 
+class _RecordedLaunches:
+    """Stands in for `get_kernel`: records each launch (entry, grid, arguments) instead of running it."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, source, entry, defines, device):
+        recorded = self
+
+        class Kernel:
+            def launch(self, grid, block, args, shared_bytes=0):
+                recorded.launches.append((entry, grid, args))
+
+        return Kernel()
+
+
+@pytest.mark.parametrize(("lead", "packed_lengths", "chunks"), [
+    ((3, 130), None, 3 * 3),
+    ((215,), (0, 150, 0, 64, 1), 215 // 64 + 5),  # packed: the forward's bound on Σ ⌈length / 64⌉ = 5, no host sync
+    ((2, 0), None, 0),  # empty sequences: no chunk, no states launch
+])
+def test_backward_runs_the_states_kernel_over_every_chunk_then_the_walk(monkeypatch, lead, packed_lengths, chunks):
+    """The backward's host side: A1 of every (chunk, head, row block) in one launch, into a scratch of the state
+    before each 8-step sub-chunk that the walk then reads (the kernel skips the chunks past a sequence's end)."""
+    from m2rnn.kernels.m2rnn.triton_common import _prepare
+
+    recorded = _RecordedLaunches()
+    monkeypatch.setattr(cuda_kernels, "get_kernel", recorded)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132}))
+    heads, key_dim, value_dim = 6, 64, 16
+    cu_seqlens = None
+    if packed_lengths is not None:
+        cu_seqlens = torch.tensor([0, *torch.tensor(packed_lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, k = torch.zeros(*lead, 1, key_dim, dtype=torch.bfloat16), torch.zeros(*lead, 1, key_dim, dtype=torch.bfloat16)
+    v, f = torch.zeros(*lead, heads, value_dim, dtype=torch.bfloat16), torch.zeros(*lead, heads, dtype=torch.bfloat16)
+    w = torch.zeros(heads, value_dim, value_dim)
+    config = M2RNNTritonConfig(cuda_kernels=True)
+    layout, (q_, k_, v_, w_, f_, _) = _prepare(q, k, v, w, f, None, cu_seqlens, heads, config)
+    checkpoints = torch.zeros(layout.total_chunks, heads, key_dim, value_dim)
+    dy = torch.zeros(layout.tokens, heads, value_dim, dtype=torch.bfloat16)
+    cuda_kernels.cuda_backward(layout, q_, k_, v_, w_, f_, checkpoints, dy, None, 1.0, False)
+
+    tiles = cuda_kernels.tiles_per_warp(layout.batch * heads, key_dim, value_dim, 132, config,
+                                        cuda_kernels.BACKWARD_COLUMNS)
+    k_blocks = key_dim // (16 * tiles)
+    work = chunks * heads * k_blocks
+    assert layout.total_chunks == chunks
+    assert [entry for entry, _, _ in recorded.launches] == (["m2rnn_backward_states"] if work else []) + ["m2rnn_backward"]
+    _, walk_grid, walk_args = recorded.launches[-1]
+    scratch = walk_args[13]
+    assert scratch.shape == (chunks, heads, k_blocks, config.checkpoint_interval // 8, 16 * tiles * value_dim)
+    assert walk_grid == -(-layout.batch * heads * k_blocks // 4)
+    if work:
+        _, grid, states_args = recorded.launches[0]
+        assert grid == -(-work // 4) and states_args[5] is scratch and states_args[4] is checkpoints
+        assert states_args[8:12] == [work, layout.batch, layout.seqlen, layout.chunks_per_seq]
+
+
 def test_availability_is_a_constant_under_fullgraph_compile():
     """A compiled decode step asks which backend runs: the availability check must not break the graph (its file
     checks, made first, are untraceable; found by the GPU test of a `fullgraph=True` CUDA-graph decoder)."""

@@ -140,7 +140,11 @@ def cuda_backward(layout, q, k, v, weight, forget, checkpoints, dy, d_final_stat
     df_parts = torch.empty(k_blocks, layout.tokens, heads, **f32)
     dw_parts = torch.empty(k_blocks, layout.batch, heads, value_dim, value_dim, **f32)
     dh0 = torch.empty(layout.batch, heads, key_dim, value_dim, **f32) if needs_dh0 else None
-    scratch = torch.empty(items, layout.chunk // SUB_STEPS, tiles * TILE_ROWS * value_dim, **f32)
+    # The state before every sub-chunk, written by the states kernel for all chunks at once: 8x the checkpoints,
+    # transient (1.4 GB at the 400M shape, B=8, S=4096).
+    scratch = torch.empty(
+        layout.total_chunks, heads, k_blocks, layout.chunk // SUB_STEPS, tiles * TILE_ROWS * value_dim, **f32
+    )
     if forget.dtype not in (torch.float32, q.dtype):
         forget = forget.to(torch.float32)
     if d_final_state is not None:
@@ -150,12 +154,24 @@ def cuda_backward(layout, q, k, v, weight, forget, checkpoints, dy, d_final_stat
         M2_GATE_F32=forget.dtype == torch.float32, M2_CHUNK=layout.chunk, M2_HAS_DHT=d_final_state is not None,
         M2_STORE_DH0=needs_dh0, M2_CLIP=clip is not None,
     )
-    kernel = get_kernel("cuda_backward.cu", "m2rnn_backward", defines, device)
     counts = layout.head_counts
+    q, k, v, weight = _aligned(q), _aligned(k), _aligned(v), weight.to(torch.float32).contiguous()
+    states = get_kernel("cuda_backward.cu", "m2rnn_backward_states", defines, device)
+    work = layout.total_chunks * heads * k_blocks  # none where every sequence is empty
+    if work:
+        states.launch(
+            math.ceil(work / WARPS_PER_BLOCK), 32 * WARPS_PER_BLOCK,
+            [
+                k, v, weight, forget, checkpoints, scratch, layout.cu_seqlens, layout.chunk_offsets,
+                work, layout.batch, layout.seqlen, layout.chunks_per_seq,
+                counts["N"], counts["NK"], counts["NV"], counts["NF"], counts["NW"], key_dim,
+            ],
+        )
+    kernel = get_kernel("cuda_backward.cu", "m2rnn_backward", defines, device)
     kernel.launch(
         math.ceil(items / WARPS_PER_BLOCK), 32 * WARPS_PER_BLOCK,
         [
-            _aligned(q), _aligned(k), _aligned(v), weight.to(torch.float32).contiguous(), forget, checkpoints,
+            q, k, v, weight, forget,
             _aligned(dy.to(q.dtype)), d_final_state, dq_heads, dk_heads, dv_parts, df_parts, dw_parts, dh0, scratch,
             layout.cu_seqlens, layout.chunk_offsets,
             items, layout.seqlen, layout.chunks_per_seq, LongLong(layout.tokens), float(clip or 0.0),
