@@ -404,6 +404,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
         float* row_out = row_lane + (tok0 + steps - 1) * row_step;
         float* dv_out = dv_lane + (tok0 + steps - 1) * dv_step;
         float* df_out = df_lane + (tok0 + steps - 1) * N;
+#if M2_TILES == 1  // one chain per warp: two steps' independent work in flight (two tiles already interleave)
+#pragma unroll 2
+#endif
         for (int i = steps - 1; i >= 0; --i, row_out -= row_step, dv_out -= dv_step, df_out -= N) {
             const StepInputs& in = s.in[i];
             const float gate = in.f, keep = 1.0f - gate;
