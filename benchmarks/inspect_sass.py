@@ -113,15 +113,26 @@ def compile_cuda_kernel(kernel_name: str, dtype: str, tiles: int, value_dim: int
             return handle.read()
 
 
-def disassemble(cubin: bytes) -> list[tuple[int, str]]:
-    """(address, instruction text) of every SASS instruction, through the cuobjdump that Triton ships."""
+def disassemble(cubin: bytes) -> dict[str, list[tuple[int, str]]]:
+    """(address, instruction text) of every SASS instruction, per kernel of the cubin (each kernel's addresses start
+    at 0), through the cuobjdump that Triton ships."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
         text = subprocess.run([tool, "-sass", handle.name], capture_output=True, text=True, check=True).stdout
+    return sass_functions(text)
+
+
+def sass_functions(text: str) -> dict[str, list[tuple[int, str]]]:
+    """cuobjdump -sass text -> {kernel name: [(address, instruction text)]}. Kernels are kept apart because their
+    addresses overlap (the backward's cubin holds two)."""
     pattern = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-    return [(int(m.group(1), 16), m.group(2)) for m in pattern.finditer(text)]
+    functions: dict[str, list[tuple[int, str]]] = {}
+    for section in re.split(r"^\s*Function : ", text, flags=re.MULTILINE)[1:]:
+        name, body = section.split("\n", 1)
+        functions[name.strip()] = [(int(m.group(1), 16), m.group(2)) for m in pattern.finditer(body)]
+    return functions
 
 
 def loops(instructions: list[tuple[int, str]]) -> list[tuple[int, int]]:
@@ -156,24 +167,27 @@ def main() -> None:
     args = parser.parse_args()
     config = parse_config(args.config, "--config")
     if args.kernel in CUDA_SOURCES:
-        instructions = disassemble(compile_cuda_kernel(args.kernel, args.dtype, args.block_k // 16))
-        summary = f"{args.kernel} {args.dtype} tiles={args.block_k // 16}: {len(instructions)} instructions"
+        functions = disassemble(compile_cuda_kernel(args.kernel, args.dtype, args.block_k // 16))
+        size = sum(len(x) for x in functions.values())
+        summary = f"{args.kernel} {args.dtype} tiles={args.block_k // 16}: {size} instructions"
     else:
         kernel = compile_kernel(args.kernel, args.dtype, args.block_k, args.warps, config)
-        instructions = disassemble(kernel.asm["cubin"])
+        functions = disassemble(kernel.asm["cubin"])
         summary = (f"{args.kernel} {args.dtype} BLOCK_K={args.block_k} warps={args.warps} {args.config}: "
                    f"{kernel.n_regs if hasattr(kernel, 'n_regs') else '?'} registers, "
-                   f"{kernel.metadata.shared} B shared, {len(instructions)} instructions")
+                   f"{kernel.metadata.shared} B shared, {sum(len(x) for x in functions.values())} instructions")
     if args.dump:
         with open(args.dump, "w") as out:
-            out.write("\n".join(f"{a:05x} {t}" for a, t in instructions))
+            out.write("\n".join(f"{name} {a:05x} {t}" for name, instructions in functions.items()
+                                for a, t in instructions))
     print(summary)
     keys = ["total", *INSTRUCTION_CLASSES]
-    print("| loop | " + " | ".join(keys) + " |")
-    print("|---" * (len(keys) + 1) + "|")
-    for start, end in loops(instructions):
-        counts = histogram(instructions, start, end)
-        print(f"| {start:05x}-{end:05x} | " + " | ".join(str(counts.get(k, 0)) for k in keys) + " |")
+    print("| kernel | loop | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 2) + "|")
+    for name, instructions in functions.items():
+        for start, end in loops(instructions):
+            counts = histogram(instructions, start, end)
+            print(f"| {name} | {start:05x}-{end:05x} | " + " | ".join(str(counts.get(k, 0)) for k in keys) + " |")
 
 
 if __name__ == "__main__":
