@@ -184,18 +184,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward_states(
     u32 w16[KS][NT][2];
     load_state_weight(w16, w + (long long)wh * M2_V * M2_V, g, t);
     float h[M2_TILES][NT][4];
-    const float* start = checkpoints + ((long long)global_chunk * N + n) * K * M2_V;
-#pragma unroll
-    for (int tau = 0; tau < M2_TILES; ++tau)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const Float2 x = *reinterpret_cast<const Float2*>(
-                    start + (long long)(my_rows + 2 * tau + half) * M2_V + 8 * j + 2 * t);
-                h[tau][j][2 * half] = x.x;
-                h[tau][j][2 * half + 1] = x.y;
-            }
+    load_state_tiles(h, checkpoints + ((long long)global_chunk * N + n) * K * M2_V, my_rows, t);
 
     auto issue = [&](int window, Window& s) {
         constexpr int ROW_CHUNKS = ROWS / 8, COL_CHUNKS = M2_V / 8;

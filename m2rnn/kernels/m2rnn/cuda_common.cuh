@@ -142,8 +142,15 @@ __device__ __forceinline__ void reduce_level(float* x, int mask, bool upper) {
     }
 }
 
-// One head's (K, V) float32 state <-> a warp's state tiles x[TILES][V / 8][4]: rows my_rows + 2·tau (+1), cols
-// 8j + 2t (+1). Both kernels store (final state, checkpoints, dh0) through this.
+// One head's (K, V) float32 state <-> a warp's state tiles x[TILES][V / 8][4]: x[tau][j][2·half + e] is row
+// my_rows + 2·tau + half, col 8j + 2t + e. The kernels store (final state, checkpoints, dh0) and load checkpoints
+// through these, 8 bytes at a time: buffers of ours. The caller's h0 and dH_T are read element by element (a view
+// of theirs need not be 8-byte aligned).
+template <int NTILES>
+__device__ __forceinline__ long long state_pair_offset(int tau, int j, int half, int my_rows, int t) {
+    return (long long)(my_rows + 2 * tau + half) * (8 * NTILES) + 8 * j + 2 * t;
+}
+
 template <int TILES, int NTILES>
 __device__ __forceinline__ void store_state_tiles(const float (&x)[TILES][NTILES][4], float* dst, int my_rows, int t) {
 #pragma unroll
@@ -151,10 +158,22 @@ __device__ __forceinline__ void store_state_tiles(const float (&x)[TILES][NTILES
 #pragma unroll
         for (int j = 0; j < NTILES; ++j)
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int row = my_rows + 2 * tau + half, col = 8 * j + 2 * t;
-                *reinterpret_cast<Float2*>(dst + (long long)row * (8 * NTILES) + col) =
+            for (int half = 0; half < 2; ++half)
+                *reinterpret_cast<Float2*>(dst + state_pair_offset<NTILES>(tau, j, half, my_rows, t)) =
                     Float2{x[tau][j][2 * half], x[tau][j][2 * half + 1]};
+}
+
+template <int TILES, int NTILES>
+__device__ __forceinline__ void load_state_tiles(float (&x)[TILES][NTILES][4], const float* src, int my_rows, int t) {
+#pragma unroll
+    for (int tau = 0; tau < TILES; ++tau)
+#pragma unroll
+        for (int j = 0; j < NTILES; ++j)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const Float2 pair = *reinterpret_cast<const Float2*>(src + state_pair_offset<NTILES>(tau, j, half, my_rows, t));
+                x[tau][j][2 * half] = pair.x;
+                x[tau][j][2 * half + 1] = pair.y;
             }
 }
 
