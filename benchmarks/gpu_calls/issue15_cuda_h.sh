@@ -5,8 +5,7 @@
 # (fla's GDN kernels, Hopper guard lifted for timing only; fla is installed for that phase alone).
 #   WHEELS=.dev-k/whl bash benchmarks/gpu_calls/issue15_cuda_h.sh
 source benchmarks/gpu_calls/setup.sh torch triton transformers
-KDIR=m2rnn/kernels/m2rnn
-use() { cp "$1"/cuda_*.cu "$1"/cuda_common.cuh "$1"/cuda_kernels.py $KDIR/; }
+source benchmarks/gpu_calls/kernels.sh
 use .dev-k/cur
 phase "kernel tests, CUR"
 if ! timeout 150 python3 -m pytest -q -m gpu -rs -x tests/test_m2rnn_cuda.py \
@@ -26,8 +25,5 @@ for variant in .dev-k/cur .dev-k/good .dev-k/cur .dev-k/good; do
 done
 use .dev-k/cur
 phase "one-layer swap, 400M Hybrid GDN, 4K, CUR kernels"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_fla .dev-d4/whl/*.whl 2>&1 | tail -2
-PYTHONPATH=/tmp/site_fla:$PWD timeout 230 python3 benchmarks/bench_model.py --fla-unguarded --only train --quick \
-  --warmup 2 --train-repeats 5 --models hybrid-gdn,hybrid-gdn-m2rnn-1l,hybrid-gdn,hybrid-gdn-m2rnn-1l \
-  --output-dir $OUT/model 2>&1 | tee $OUT/model.log | grep -E "tok/s|^\|" | tail -12
+one_layer_swap 230
 phase done

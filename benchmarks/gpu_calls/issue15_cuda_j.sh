@@ -4,12 +4,10 @@
 # Hopper guard lifted for timing only; fla installed for that phase alone).
 #   WHEELS=.dev-k/whl XMA=.dev-k/xma_src bash benchmarks/gpu_calls/issue15_cuda_j.sh
 source benchmarks/gpu_calls/setup.sh torch triton transformers
+source benchmarks/gpu_calls/kernels.sh
 phase "bench, CUDA kernels, xma beside"
 timeout 200 python3 benchmarks/bench_m2rnn.py --config cuda_kernels=True --vs-xma "$XMA" --json $OUT/bench_cuda.json \
   2>&1 | tee $OUT/bench_cuda.log | grep -v "^(" | grep -v autotuned | head -24
 phase "one-layer swap, 400M Hybrid GDN, 4K"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_fla .dev-d4/whl/*.whl 2>&1 | tail -2
-PYTHONPATH=/tmp/site_fla:$PWD timeout 230 python3 benchmarks/bench_model.py --fla-unguarded --only train --quick \
-  --warmup 2 --train-repeats 5 --models hybrid-gdn,hybrid-gdn-m2rnn-1l,hybrid-gdn,hybrid-gdn-m2rnn-1l \
-  --output-dir $OUT/model 2>&1 | tee $OUT/model.log | grep -E "tok/s|^\|" | tail -12
+one_layer_swap 230
 phase done

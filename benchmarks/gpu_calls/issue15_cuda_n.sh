@@ -15,8 +15,5 @@ phase "model GPU tests, $BEST"
 use .dev-k/s24/$BEST
 timeout 120 python3 -m pytest -q -m gpu -rs tests/test_model_gpu.py tests/test_fast_decode.py 2>&1 | tee $OUT/pytest_model.log | tail -3
 phase "one-layer swap, 400M Hybrid GDN, 4K, $BEST"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_fla .dev-d4/whl/*.whl 2>&1 | tail -2
-PYTHONPATH=/tmp/site_fla:$PWD timeout 200 python3 benchmarks/bench_model.py --fla-unguarded --only train --quick \
-  --warmup 2 --train-repeats 5 --models hybrid-gdn,hybrid-gdn-m2rnn-1l,hybrid-gdn,hybrid-gdn-m2rnn-1l \
-  --output-dir $OUT/model 2>&1 | tee $OUT/model.log | grep -E "tok/s|^\|" | tail -12
+one_layer_swap 200
 phase done

@@ -1,7 +1,8 @@
 # Sourced by the issue15_cuda_*.sh calls after setup.sh: kernel source sets (folders holding cuda_*.cu,
 # cuda_common.cuh and cuda_kernels.py) swapped into the tree, the GPU kernel tests, an A/B of sets (one process per
 # set and pass), the table beside the authors' xma and the per-kernel profile.
-# Calls M to Q ran with these steps written out in each script; they were folded into this file afterwards, unchanged.
+# Calls H, J and M to Q ran with these steps written out in each script; they were folded into this file afterwards,
+# unchanged.
 KDIR=m2rnn/kernels/m2rnn
 use() { cp "$1"/cuda_*.cu "$1"/cuda_common.cuh "$1"/cuda_kernels.py $KDIR/; }
 kernel_tests() {
@@ -40,4 +41,12 @@ compare_sets() {
   bench_vs_xma
   phase "per-kernel time, 400M fwd+bwd, $BEST"
   profile_400m
+}
+# one_layer_swap [TIMEOUT]: training throughput of the 400M Hybrid GDN and of it with one GDN layer swapped for M2RNN,
+# each twice, interleaved; fla installed for this phase only, its Hopper backward guard lifted (timing only).
+one_layer_swap() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_fla .dev-d4/whl/*.whl 2>&1 | tail -2
+  PYTHONPATH=/tmp/site_fla:$PWD timeout ${1:-230} python3 benchmarks/bench_model.py --fla-unguarded --only train --quick \
+    --warmup 2 --train-repeats 5 --models hybrid-gdn,hybrid-gdn-m2rnn-1l,hybrid-gdn,hybrid-gdn-m2rnn-1l \
+    --output-dir $OUT/model 2>&1 | tee $OUT/model.log | grep -E "tok/s|^\|" | tail -12
 }
