@@ -62,10 +62,13 @@ def test_cuda_forward_does_not_cover_float32_or_cpu_inputs():
 
 
 class _RecordedLaunches:
-    """Stands in for `get_kernel`: records each launch (entry, grid, arguments) instead of running it."""
+    """Stands in for `get_kernel`: records each launch (entry, grid, arguments) instead of running it; the GPU holds
+    `resident` blocks per multiprocessor."""
 
-    def __init__(self):
+    def __init__(self, resident: int = 3):
         self.launches = []
+        self.launch_defines = []
+        self.resident = resident
 
     def __call__(self, source, entry, defines, device):
         recorded = self
@@ -73,21 +76,40 @@ class _RecordedLaunches:
         class Kernel:
             def launch(self, grid, block, args, shared_bytes=0):
                 recorded.launches.append((entry, grid, args))
+                recorded.launch_defines.append(defines)
+
+            def resident_blocks_per_multiprocessor(self, block, shared_bytes=0):
+                return recorded.resident
 
         return Kernel()
+
+
+@pytest.mark.parametrize(("walk_blocks", "resident", "beside"), [
+    (336, 3, 60),  # 400M (B=8, N=84, 2 tiles): 72 multiprocessors hold 3 walk blocks, 60 hold 2 and an A1 block
+    (264, 3, 0),  # 7B (B=4, N=132): 2 walk blocks on every multiprocessor, room on all of them: A1 first
+    (168, 4, 0),  # 16K (B=2, one tile)
+    (396, 3, 0),  # no room left
+    (400, 3, 0),  # more walk blocks than the GPU holds
+])
+def test_a1_goes_beside_the_walk_only_where_the_busiest_multiprocessors_are_full(walk_blocks, resident, beside):
+    assert cuda_kernels.a1_blocks_beside_walk(walk_blocks, resident, 132) == beside
 
 
 @pytest.mark.parametrize(("lead", "packed_lengths", "chunks"), [
     ((3, 130), None, 3 * 3),
     ((215,), (0, 150, 0, 64, 1), 215 // 64 + 5),  # packed: the forward's bound on Σ ⌈length / 64⌉ = 5, no host sync
-    ((2, 0), None, 0),  # empty sequences: no chunk, no states launch
+    ((2, 0), None, 0),  # empty sequences: no chunk, no A1
 ])
-def test_backward_runs_the_states_kernel_over_every_chunk_then_the_walk(monkeypatch, lead, packed_lengths, chunks):
-    """The backward's host side: A1 of every (chunk, head, row block) in one launch, into a scratch of the state
-    before each 8-step sub-chunk that the walk then reads (the kernel skips the chunks past a sequence's end)."""
+@pytest.mark.parametrize("resident", [3, 1])
+def test_backward_launches_a1_then_the_walk_or_both_at_once(monkeypatch, lead, packed_lengths, chunks, resident):
+    """The backward's host side. A1's items (one per chunk, head and row block) come with a zeroed queue; A1 writes
+    the state before each 8-step sub-chunk into a scratch the walk reads (the kernel skips the chunks past a
+    sequence's end). With room on the GPU only beside the busiest multiprocessors' walk blocks (here one block per
+    multiprocessor: the walk's few blocks fill the busiest), A1 blocks share the walk's launch; else A1 runs alone
+    first."""
     from m2rnn.kernels.m2rnn.triton_common import _prepare
 
-    recorded = _RecordedLaunches()
+    recorded = _RecordedLaunches(resident)
     monkeypatch.setattr(cuda_kernels, "get_kernel", recorded)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132}))
     heads, key_dim, value_dim = 6, 64, 16
@@ -106,16 +128,28 @@ def test_backward_runs_the_states_kernel_over_every_chunk_then_the_walk(monkeypa
     tiles = cuda_kernels.tiles_per_warp(layout.batch * heads, key_dim, value_dim, 132, config,
                                         cuda_kernels.BACKWARD_COLUMNS)
     k_blocks = key_dim // (16 * tiles)
+    items = layout.batch * heads * k_blocks
+    walk_blocks = -(-items // 4)
     work = chunks * heads * k_blocks
+    beside = 132 - walk_blocks if work and resident == 1 else 0
     assert layout.total_chunks == chunks
-    assert [entry for entry, _, _ in recorded.launches] == (["m2rnn_backward_states"] if work else []) + ["m2rnn_backward"]
-    _, walk_grid, walk_args = recorded.launches[-1]
-    scratch = walk_args[13]
+    alone_first = bool(work) and not beside
+    assert [entry for entry, _, _ in recorded.launches] == ["m2rnn_backward_states"] * alone_first + ["m2rnn_backward"]
+    _, grid, args = recorded.launches[-1]
+    assert grid == walk_blocks + beside
+    assert recorded.launch_defines[-1]["M2_A1_BESIDE"] == bool(beside)  # the walk's queue code only where used
+    checkpoints_arg, scratch, queue = args[13:16]
+    assert checkpoints_arg is checkpoints
     assert scratch.shape == (chunks, heads, k_blocks, config.checkpoint_interval // 8, 16 * tiles * value_dim)
-    assert walk_grid == -(-layout.batch * heads * k_blocks // 4)
-    if work:
+    if beside:
+        assert queue.dtype == torch.int32 and queue.tolist() == [0] * (2 + work)
+    else:
+        assert queue is None  # the walk alone needs no queue
+    assert args[18:25] == [items, walk_blocks, work, layout.batch, layout.seqlen, layout.chunks_per_seq, chunks]
+    if alone_first:
         _, grid, states_args = recorded.launches[0]
-        assert grid == -(-work // 4) and states_args[5] is scratch and states_args[4] is checkpoints
+        assert grid == -(-work // 4)
+        assert states_args[4] is checkpoints and states_args[5] is scratch
         assert states_args[8:12] == [work, layout.batch, layout.seqlen, layout.chunks_per_seq]
 
 
@@ -231,6 +265,33 @@ def test_cuda_backend_packed_documents():
     errors = {name: _rel(a, b) for name, a, b in zip(("y", "ht", "dq", "dk", "dv", "dw", "df", "dh0"), got, want)}
     assert max(errors.values()) < 3e-2, errors
     torch.testing.assert_close(got[1][2], inputs[-1][2])  # the empty document keeps its initial state
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("packed", [False, True])
+def test_cuda_backward_is_the_same_whoever_runs_a1(monkeypatch, packed):
+    """A1's items give the same scratch whichever warps run them: A1 alone before the walk (this shape's default),
+    one A1 block beside the walk (whose warps then run most items themselves while they wait), or more A1 blocks
+    than the GPU holds. Bit-equal gradients, and no hang."""
+    from m2rnn.kernels import m2rnn_recurrence
+
+    cu_seqlens = torch.tensor([0, 300, 301, 301, 777, 1200], dtype=torch.int32, device="cuda") if packed else None
+    inputs = _inputs(1 if packed else 3, 1200 if packed else 400, 84, 64, 16, (1, 1, 84, 84, 84), torch.bfloat16,
+                     packed=packed)
+    if packed:
+        inputs[-1] = (torch.randn(5, 84, 64, 16) * 0.3).to("cuda")
+    config = M2RNNTritonConfig(checkpoint_interval=16)
+
+    def run():
+        return _grads(lambda *x: m2rnn_recurrence(*x, cu_seqlens=cu_seqlens, gradient_clipping=1.0, backend="cuda",
+                                                  triton_config=config), inputs)
+
+    alone_first = run()
+    for beside in (1, 5000):
+        monkeypatch.setattr(cuda_kernels, "a1_blocks_beside_walk", lambda *_, beside=beside: beside)
+        for name, a, b in zip(GRADIENTS, run(), alone_first):
+            assert torch.equal(a, b), (beside, name)
 
 
 def _grads(fn, inputs):

@@ -1,26 +1,28 @@
 // Backward of the M2RNN recurrence on the tensor cores, register-resident (sm_80+, 16-bit inputs, V <= 32).
 //
-// Two kernels. m2rnn_backward_states runs every chunk of M2_CHUNK steps at once (one warp per chunk, row block and
-// head): from the forward's float32 checkpoint it recomputes the chunk (A1) and writes the state before every
-// SUB-step sub-chunk to a float32 scratch (thread-private fragment layout). Then m2rnn_backward, one warp per row
-// block of a head for the whole sequence (TILES 16-row tiles, as in cuda_forward.cu), walks the sub-chunks from
-// the last:
-//   A2  recompute the sub-chunk forward from its scratch state, keeping the float16 state before each step in shared
-//       memory (exactly the A operand the forward fed its mma, so Z is recomputed bit for bit);
+// Two parts. The walk (m2rnn_backward): one warp per row block of a head for the whole sequence (TILES 16-row tiles,
+// as in cuda_forward.cu) walks the sub-chunks of SUB steps from the last:
+//   A2  recompute the sub-chunk forward from the state before it, keeping the float16 state before each step in
+//       shared memory (exactly the A operand the forward fed its mma, so Z is recomputed bit for bit);
 //   B   walk it backwards. The carry dH goes through clip -> G = dH + q dyᵀ -> dX = (1-f) G (1-Z²) ->
 //       dH = f G + dX Wᵀ, the last product on the tensor cores with bfloat16 hi/lo splits of dX and W (about 16
 //       mantissa bits: the carry compounds its rounding over the sequence). dW += H_{t-1}ᵀ dX is a tensor-core
 //       product too (movmatrix transposes the fragments; bfloat16, hi part of dX: a sum over every step and row);
 //       dq, dk, dv, df are per-thread sums reduced with xor shuffles and written as per-head partials.
-// A1 holds no carry, so it need not wait for the walk: run apart, its chunks fill the GPU, and the walk's warps
-// (few where B·N is small) keep only A2 and B. The inputs of the next sub-chunk are copied to shared memory with
-// cp.async while the current one runs.
+// A1: the state before every sub-chunk, recomputed from the forward's float32 checkpoint of its M2_CHUNK-step chunk
+// into a float32 scratch (thread-private fragment layout), one item per (chunk, head, row block). A1 holds no
+// carry, so it need not wait for the walk. Either it runs alone first (m2rnn_backward_states, one warp per item,
+// all at once), or, with M2_A1_BESIDE, in the walk's launch: the blocks the GPU holds beside the walk's run A1's
+// items from a queue, last chunk first, while the walk runs, and a walk warp that reaches a chunk whose item no
+// one has taken runs it itself. The host picks the second only where that room lies on the multiprocessors holding
+// fewer walk blocks than the busiest (cuda_kernels.a1_blocks_beside_walk). The inputs of the next sub-chunk are
+// copied to shared memory with cp.async while the current one runs.
 //
 // Compile-time parameters (NVRTC -D options): M2_TILES, M2_V, M2_BF16, M2_VARLEN, M2_GATE_F32, M2_CHUNK (a
-// multiple of SUB), M2_HAS_DHT, M2_STORE_DH0, M2_CLIP.
+// multiple of SUB), M2_HAS_DHT, M2_STORE_DH0, M2_CLIP, M2_A1_BESIDE (A1 blocks in the walk's launch).
 // Outputs (float32 partials, reduced by the caller as for the Triton backward): dq, dk (T, N, K) per state head;
 // dv (KB, T, N, V), df (KB, T, N), dw (KB, B, N, V, V) per row block; dh0 (B, N, K, V).
-// Scratch: (chunks, N, KB, SUB_PER_CHUNK, ROWS · V) float32, written by the first kernel, read by the second.
+// Scratch: (chunks, N, KB, SUB_PER_CHUNK, ROWS · V) float32, written by A1, read by the walk.
 #include "cuda_common.cuh"
 
 #define SUB 8
@@ -29,7 +31,7 @@
 #define KS (M2_V / 16)
 #define ROWS (16 * M2_TILES)
 #define WARPS 4
-#define WINDOW 16  // steps per shared-memory window of the states kernel
+#define WINDOW 16  // steps per shared-memory window of A1
 // dq and dk as tensor-core products with dy, v as B operands: exact for bfloat16 inputs (float16 ones would need
 // a conversion), so float16 inputs sum them on the FMA units with shuffles.
 #define ROW_SUMS_ON_TENSOR_CORES M2_BF16
@@ -52,7 +54,7 @@ struct WarpShared {
     U32x4 state16[SUB][M2_TILES][KS][32];  // float16 A fragments of the state before each step of a sub-chunk
 };
 
-struct alignas(16) Window {  // the states kernel's inputs of WINDOW steps
+struct alignas(16) Window {  // A1's inputs of WINDOW steps
     u16 k[WINDOW][ROWS];
     u16 v[WINDOW][M2_V];
     float f[WINDOW];
@@ -142,49 +144,54 @@ __device__ __forceinline__ void recompute_step(float (&h)[M2_TILES][NT][4], cons
     }
 }
 
-// A1 for every chunk at once: one warp per (chunk, head, row block), work = (chunk · N + n) · KB + kb, which is
-// also its scratch slot. Writes the state before each sub-chunk of its chunk.
-extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward_states(
-    const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ w, const void* __restrict__ f,
-    const float* __restrict__ checkpoints, float* __restrict__ scratch,
-    const int* __restrict__ cu_seqlens, const int* __restrict__ chunk_offsets,
-    int num_work, int batch, int seqlen, int chunks_per_seq, int N, int NK, int NV, int NF, int NW, int K) {
-    __shared__ Window windows[WARPS][2];
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int work = blockIdx.x * WARPS + warp;
-    if (work >= num_work) return;  // no block-wide barrier below
+// A1's work: one item per (chunk, head, row block), work = (chunk · N + n) · KB + kb, which is also its scratch slot
+// and its ready flag. What an item reads, gathered from the kernel's arguments.
+struct StatesJob {
+    const u16* k;
+    const u16* v;
+    const float* w;
+    const void* f;
+    const float* checkpoints;
+    float* scratch;
+    const int* cu_seqlens;
+    const int* chunk_offsets;
+    int batch, seqlen, chunks_per_seq, total_chunks, N, NK, NV, NF, NW, K;
+};
+
+// A1 of one item: from the chunk's checkpoint, the state before each of its sub-chunks into the scratch.
+// `windows` is two Windows of this warp's shared memory.
+__device__ __forceinline__ void chunk_states(const StatesJob& job, int work, Window* windows, int lane) {
     const int g = lane >> 2, t = lane & 3;
-    const int kblocks = K / ROWS;
+    const int kblocks = job.K / ROWS, N = job.N;
     const int kb = work % kblocks;
     const int n = (work / kblocks) % N;
     const int global_chunk = work / kblocks / N;
     int b;
 #if M2_VARLEN
     {  // the last sequence whose first chunk is at or before this one (empty sequences share the next one's)
-        int lo = 0, hi = batch - 1;
+        int lo = 0, hi = job.batch - 1;
         while (lo < hi) {
             const int mid = (lo + hi + 1) / 2;
-            if (chunk_offsets[mid] <= global_chunk) lo = mid;
+            if (job.chunk_offsets[mid] <= global_chunk) lo = mid;
             else hi = mid - 1;
         }
         b = lo;
     }
 #else
-    b = global_chunk / chunks_per_seq;
+    b = global_chunk / job.chunks_per_seq;
 #endif
-    const Sequence seq = sequence_of(b, seqlen, chunks_per_seq, cu_seqlens, chunk_offsets);
+    const Sequence seq = sequence_of(b, job.seqlen, job.chunks_per_seq, job.cu_seqlens, job.chunk_offsets);
     const long long tok0 = seq.bos + (global_chunk - seq.first_chunk) * M2_CHUNK;
     if (tok0 >= seq.eos) return;  // the chunk count is a bound for packed sequences (no host sync): none here
     const int steps = seq.eos - tok0 < M2_CHUNK ? (int)(seq.eos - tok0) : M2_CHUNK;
-    const int kh = n / (N / NK), vh = n / (N / NV), fh = n / (N / NF), wh = n / (N / NW);
+    const int kh = n / (N / job.NK), vh = n / (N / job.NV), fh = n / (N / job.NF), wh = n / (N / job.NW);
     const int row_base = kb * ROWS;
     const int my_rows = row_base + g * 2 * M2_TILES;
 
     u32 w16[KS][NT][2];
-    load_state_weight(w16, w + (long long)wh * M2_V * M2_V, g, t);
+    load_state_weight(w16, job.w + (long long)wh * M2_V * M2_V, g, t);
     float h[M2_TILES][NT][4];
-    load_state_tiles(h, checkpoints + ((long long)global_chunk * N + n) * K * M2_V, my_rows, t);
+    load_state_tiles(h, job.checkpoints + ((long long)global_chunk * N + n) * job.K * M2_V, my_rows, t);
 
     auto issue = [&](int window, Window& s) {
         constexpr int ROW_CHUNKS = ROWS / 8, COL_CHUNKS = M2_V / 8;
@@ -193,24 +200,25 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward_states(
             const int i = c / ROW_CHUNKS, o = 8 * (c % ROW_CHUNKS);
             const bool valid = window * WINDOW + i < steps;
             const long long tok = valid ? first + i : tok0;
-            copy_async<16>(&s.k[i][o], k + tok * NK * K + (long long)kh * K + row_base + o, valid);
+            copy_async<16>(&s.k[i][o], job.k + tok * job.NK * job.K + (long long)kh * job.K + row_base + o, valid);
         }
         for (int c = lane; c < WINDOW * COL_CHUNKS; c += 32) {
             const int i = c / COL_CHUNKS, o = 8 * (c % COL_CHUNKS);
             const bool valid = window * WINDOW + i < steps;
             const long long tok = valid ? first + i : tok0;
-            copy_async<16>(&s.v[i][o], v + tok * NV * M2_V + (long long)vh * M2_V + o, valid);
+            copy_async<16>(&s.v[i][o], job.v + tok * job.NV * M2_V + (long long)vh * M2_V + o, valid);
         }
-        if (lane < WINDOW) s.f[lane] = window * WINDOW + lane < steps ? load_gate(f, (first + lane) * NF + fh) : 0.0f;
+        if (lane < WINDOW)
+            s.f[lane] = window * WINDOW + lane < steps ? load_gate(job.f, (first + lane) * job.NF + fh) : 0.0f;
     };
 
-    float* const dst = scratch + (long long)work * SUB_PER_CHUNK * ROWS * M2_V;
+    float* const dst = job.scratch + (long long)work * SUB_PER_CHUNK * ROWS * M2_V;
     const int num_windows = (steps + WINDOW - 1) / WINDOW;
-    issue(0, windows[warp][0]);
+    issue(0, windows[0]);
     copy_async_commit();
     for (int window = 0; window < num_windows; ++window) {
-        Window& s = windows[warp][window & 1];
-        if (window + 1 < num_windows) issue(window + 1, windows[warp][(window + 1) & 1]);
+        Window& s = windows[window & 1];
+        if (window + 1 < num_windows) issue(window + 1, windows[(window + 1) & 1]);
         copy_async_commit();
         copy_async_wait<1>();
         __syncwarp();
@@ -234,18 +242,129 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward_states(
     copy_async_wait<0>();
 }
 
+// The queue of A1's items, one zeroed int32 buffer per backward: [0] block tickets, [1] claims, [2 + work] the item's
+// state (FREE, TAKEN: a warp runs it, READY: its scratch is written). A1 blocks claim items last chunk first, the
+// order the walk needs them: for equal-length sequences claim c is chunk (chunks_per_seq - 1 - c / (B·N·KB)) of
+// each sequence in turn; for packed ones, whose chunk counts differ, the global chunk index counts down.
+#define QUEUE_TICKETS 0
+#define QUEUE_CLAIMS 1
+#define QUEUE_ITEMS 2
+#define ITEM_FREE 0
+#define ITEM_TAKEN 1
+#define ITEM_READY 2
+
+__device__ __forceinline__ int claimed_work(const StatesJob& job, int claim) {
+    const int per_chunk = job.N * (job.K / ROWS);
+#if M2_VARLEN
+    const int global_chunk = job.total_chunks - 1 - claim / per_chunk;
+#else
+    const int per_layer = job.batch * per_chunk;
+    const int layer = claim / per_layer, b = claim % per_layer / per_chunk;
+    const int global_chunk = b * job.chunks_per_seq + job.chunks_per_seq - 1 - layer;
+#endif
+    return global_chunk * per_chunk + claim % per_chunk;
+}
+
+__device__ __forceinline__ int load_acquire(const int* p) {
+    int x;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(x) : "l"(p) : "memory");
+    return x;
+}
+
+__device__ __forceinline__ void store_release(int* p, int x) {
+    asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(x) : "memory");
+}
+
+// Takes item `work` for this warp if it is still FREE (lane 0 decides, every lane gets the answer).
+__device__ __forceinline__ bool take_item(int* queue, int work, int lane) {
+    int took = 0;
+    if (lane == 0) took = atomicCAS(queue + QUEUE_ITEMS + work, ITEM_FREE, ITEM_TAKEN) == ITEM_FREE;
+    return __shfl_sync(0xffffffffu, took, 0);
+}
+
+// Runs a taken item and marks it READY once every lane's scratch stores are visible device-wide.
+__device__ __forceinline__ void run_item(const StatesJob& job, int* queue, int work, Window* windows, int lane) {
+    chunk_states(job, work, windows, lane);
+    __threadfence();
+    __syncwarp();
+    if (lane == 0) store_release(queue + QUEUE_ITEMS + work, ITEM_READY);
+}
+
+// An A1 block's warps: claim items in the queue's order and run those the walk has not taken itself.
+__device__ __forceinline__ void run_queue(const StatesJob& job, int* queue, int num_work, Window* windows, int lane) {
+    for (;;) {
+        int claim = 0;
+        if (lane == 0) claim = atomicAdd(queue + QUEUE_CLAIMS, 1);
+        claim = __shfl_sync(0xffffffffu, claim, 0);
+        if (claim >= num_work) return;
+        const int work = claimed_work(job, claim);
+        if (take_item(queue, work, lane)) run_item(job, queue, work, windows, lane);
+    }
+}
+
+// A walk warp's wait for item `work`: it runs the item itself if no one has taken it, else waits for the warp that
+// did, which is resident and waits on nothing. So the walk cannot deadlock however many blocks are resident.
+__device__ __forceinline__ void await_item(const StatesJob& job, int* queue, int work, Window* windows, int lane) {
+    for (;;) {
+        const int state = load_acquire(queue + QUEUE_ITEMS + work);
+        if (__all_sync(0xffffffffu, state == ITEM_READY)) return;
+        if (__shfl_sync(0xffffffffu, state, 0) == ITEM_FREE && take_item(queue, work, lane)) {
+            run_item(job, queue, work, windows, lane);
+            return;
+        }
+        __nanosleep(128);
+    }
+}
+
+// A1 alone, launched before the walk where A1 blocks beside it would share the busiest multiprocessors: one warp per
+// item (work = blockIdx.x · WARPS + warp). The walk, next on the stream, then needs no queue.
+extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward_states(
+    const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ w, const void* __restrict__ f,
+    const float* __restrict__ checkpoints, float* scratch,
+    const int* __restrict__ cu_seqlens, const int* __restrict__ chunk_offsets,
+    int num_work, int batch, int seqlen, int chunks_per_seq, int N, int NK, int NV, int NF, int NW, int K) {
+    __shared__ Window windows[WARPS][2];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int work = blockIdx.x * WARPS + warp;
+    if (work >= num_work) return;
+    const StatesJob job{k, v, w, f, checkpoints, scratch, cu_seqlens, chunk_offsets,
+                        batch, seqlen, chunks_per_seq, 0, N, NK, NV, NF, NW, K};  // total_chunks: the queue's only
+    chunk_states(job, work, windows[warp], lane);
+}
+
+// The walk. With M2_A1_BESIDE, A1 blocks share its launch: the first `walk_blocks` blocks to start (by ticket) walk,
+// the rest run A1's items until none is left, and a walk warp awaits each chunk's item before it reads the chunk's
+// scratch. Without, A1 ran before it (queue unused).
 extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ w,
     const void* __restrict__ f, const u16* __restrict__ dy,
     const float* __restrict__ dht, float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
-    float* __restrict__ df, float* __restrict__ dw, float* __restrict__ dh0, const float* __restrict__ scratch,
+    float* __restrict__ df, float* __restrict__ dw, float* __restrict__ dh0,
+    const float* __restrict__ checkpoints, float* scratch, int* queue,
     const int* __restrict__ cu_seqlens, const int* __restrict__ chunk_offsets,
-    int num_items, int seqlen, int chunks_per_seq, long long total_tokens, float clip,
-    int N, int NQ, int NK, int NV, int NF, int NW, int K) {
+    int num_items, int walk_blocks, int num_work, int batch, int seqlen, int chunks_per_seq, int total_chunks,
+    long long total_tokens, float clip, int N, int NQ, int NK, int NV, int NF, int NW, int K) {
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int item = blockIdx.x * WARPS + warp;
+#if M2_A1_BESIDE
+    __shared__ int ticket;
+    if (threadIdx.x == 0) ticket = atomicAdd(queue + QUEUE_TICKETS, 1);
+    __syncthreads();  // the only block-wide barrier: warps go their own ways after it
+    const int block = ticket;
+    static_assert(2 * sizeof(Window) <= sizeof(WarpShared::state16), "A1's windows live in the kept states' place");
+    Window* const windows = reinterpret_cast<Window*>(&reinterpret_cast<WarpShared*>(shared_bytes)[warp].state16);
+    const StatesJob job{k, v, w, f, checkpoints, scratch, cu_seqlens, chunk_offsets,
+                        batch, seqlen, chunks_per_seq, total_chunks, N, NK, NV, NF, NW, K};
+    if (block >= walk_blocks) {
+        run_queue(job, queue, num_work, windows, lane);
+        return;
+    }
+#else
+    const int block = blockIdx.x;
+#endif
+    const int item = block * WARPS + warp;
     if (item >= num_items) return;  // no block-wide barrier below
     u32 dynamic_bytes;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
@@ -315,6 +434,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
     };
     float gate_pending = 0.0f;
     auto issue = [&](int chunk, int sub, Stage& s) {
+        const long long work = ((seq.first_chunk + chunk) * N + n) * kblocks + kb;
+#if M2_A1_BESIDE
+        if (sub == subs_of(chunk) - 1) await_item(job, queue, (int)work, windows, lane);  // a chunk's first visit
+#endif
         // 16-byte copies: a step's rows of k and q are ROWS contiguous 16-bit values, its v and dy V of them.
         const long long tok0 = bos + (long long)chunk * M2_CHUNK + sub * SUB;
         constexpr int ROW_CHUNKS = ROWS / 8, COL_CHUNKS = M2_V / 8;
@@ -332,8 +455,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward(
             copy_async<16>(&s.in[i].v[o], v + tok * NV * M2_V + (long long)vh * M2_V + o, valid);
             copy_async<16>(&s.in[i].dy[o], dy + (tok * N + n) * M2_V + o, valid);
         }
-        const float* src = scratch + ((((seq.first_chunk + chunk) * N + n) * kblocks + kb) * SUB_PER_CHUNK + sub) *
-                                         (long long)(ROWS * M2_V);
+        const float* src = scratch + (work * SUB_PER_CHUNK + sub) * (long long)(ROWS * M2_V);
 #pragma unroll
         for (int tau = 0; tau < M2_TILES; ++tau)
 #pragma unroll

@@ -74,6 +74,20 @@ def tiles_per_warp(batch_heads: int, key_dim: int, value_dim: int, multiprocesso
     return best_tiles
 
 
+def a1_blocks_beside_walk(walk_blocks: int, resident_per_multiprocessor: int, multiprocessors: int) -> int:
+    """A1 blocks to launch with the backward's walk (0: A1 runs alone before it, at full occupancy).
+
+    They fill the room the GPU has left beside the walk's blocks, which pays only where that room is on the
+    multiprocessors holding fewer walk blocks than the busiest ones: there A1 uses issue slots the walk leaves idle.
+    So only where the busiest multiprocessors are full (400M, B=8, S=4096: 336 walk blocks, 3 per multiprocessor:
+    72 hold 3, 60 hold 2 and an A1 block). Where every multiprocessor has room (7B: 2 walk blocks on each of 132),
+    A1 blocks beside the walk slowed it more than A1 alone costs (benchmarks/RESULTS.md §1, sixth round).
+    """
+    resident = resident_per_multiprocessor * multiprocessors
+    busiest_full = math.ceil(walk_blocks / multiprocessors) == resident_per_multiprocessor
+    return resident - walk_blocks if busiest_full and walk_blocks < resident else 0
+
+
 def _aligned(x: torch.Tensor) -> torch.Tensor:
     """The kernels copy inputs in 16-byte pieces: a view that does not start on a 16-byte boundary gets a copy."""
     return x if x.data_ptr() % 16 == 0 else x.clone()
@@ -140,11 +154,12 @@ def cuda_backward(layout, q, k, v, weight, forget, checkpoints, dy, d_final_stat
     df_parts = torch.empty(k_blocks, layout.tokens, heads, **f32)
     dw_parts = torch.empty(k_blocks, layout.batch, heads, value_dim, value_dim, **f32)
     dh0 = torch.empty(layout.batch, heads, key_dim, value_dim, **f32) if needs_dh0 else None
-    # The state before every sub-chunk, written by the states kernel for all chunks at once: 8x the checkpoints,
-    # transient (1.4 GB at the 400M shape, B=8, S=4096).
+    # The state before every sub-chunk (A1's output, one item per chunk, head and row block, read by the walk): 8x the
+    # checkpoints, transient (1.4 GB at the 400M shape, B=8, S=4096).
     scratch = torch.empty(
         layout.total_chunks, heads, k_blocks, layout.chunk // SUB_STEPS, tiles * TILE_ROWS * value_dim, **f32
     )
+    work = layout.total_chunks * heads * k_blocks  # none where every sequence is empty
     if forget.dtype not in (torch.float32, q.dtype):
         forget = forget.to(torch.float32)
     if d_final_state is not None:
@@ -152,13 +167,28 @@ def cuda_backward(layout, q, k, v, weight, forget, checkpoints, dy, d_final_stat
     defines = dict(
         M2_TILES=tiles, M2_V=value_dim, M2_BF16=q.dtype == torch.bfloat16, M2_VARLEN=layout.packed,
         M2_GATE_F32=forget.dtype == torch.float32, M2_CHUNK=layout.chunk, M2_HAS_DHT=d_final_state is not None,
-        M2_STORE_DH0=needs_dh0, M2_CLIP=clip is not None,
+        M2_STORE_DH0=needs_dh0, M2_CLIP=clip is not None, M2_A1_BESIDE=False,
     )
     counts = layout.head_counts
     q, k, v, weight = _aligned(q), _aligned(k), _aligned(v), weight.to(torch.float32).contiguous()
-    states = get_kernel("cuda_backward.cu", "m2rnn_backward_states", defines, device)
-    work = layout.total_chunks * heads * k_blocks  # none where every sequence is empty
-    if work:
+    shared_bytes = _backward_shared_bytes(tiles, value_dim)
+    walk_blocks = math.ceil(items / WARPS_PER_BLOCK)
+
+    def room_beside(walk) -> int:  # A1 blocks the GPU holds beside `walk`'s blocks, where that pays
+        resident = walk.resident_blocks_per_multiprocessor(32 * WARPS_PER_BLOCK, shared_bytes)
+        return a1_blocks_beside_walk(walk_blocks, resident, sms)
+
+    kernel = get_kernel("cuda_backward.cu", "m2rnn_backward", defines, device)
+    states_blocks = 0
+    if work and room_beside(kernel):
+        beside = get_kernel("cuda_backward.cu", "m2rnn_backward", dict(defines, M2_A1_BESIDE=True), device)
+        states_blocks = room_beside(beside)  # as this variant's registers allow
+        kernel = beside if states_blocks else kernel
+    queue = None  # A1's items, claimed by the A1 blocks beside the walk: [tickets, claims, state of each item]
+    if states_blocks:
+        queue = torch.zeros(2 + work, dtype=torch.int32, device=device)
+    elif work:
+        states = get_kernel("cuda_backward.cu", "m2rnn_backward_states", defines, device)
         states.launch(
             math.ceil(work / WARPS_PER_BLOCK), 32 * WARPS_PER_BLOCK,
             [
@@ -167,16 +197,16 @@ def cuda_backward(layout, q, k, v, weight, forget, checkpoints, dy, d_final_stat
                 counts["N"], counts["NK"], counts["NV"], counts["NF"], counts["NW"], key_dim,
             ],
         )
-    kernel = get_kernel("cuda_backward.cu", "m2rnn_backward", defines, device)
     kernel.launch(
-        math.ceil(items / WARPS_PER_BLOCK), 32 * WARPS_PER_BLOCK,
+        walk_blocks + states_blocks, 32 * WARPS_PER_BLOCK,
         [
             q, k, v, weight, forget,
-            _aligned(dy.to(q.dtype)), d_final_state, dq_heads, dk_heads, dv_parts, df_parts, dw_parts, dh0, scratch,
-            layout.cu_seqlens, layout.chunk_offsets,
-            items, layout.seqlen, layout.chunks_per_seq, LongLong(layout.tokens), float(clip or 0.0),
+            _aligned(dy.to(q.dtype)), d_final_state, dq_heads, dk_heads, dv_parts, df_parts, dw_parts, dh0,
+            checkpoints, scratch, queue, layout.cu_seqlens, layout.chunk_offsets,
+            items, walk_blocks, work, layout.batch, layout.seqlen, layout.chunks_per_seq, layout.total_chunks,
+            LongLong(layout.tokens), float(clip or 0.0),
             counts["N"], counts["NQ"], counts["NK"], counts["NV"], counts["NF"], counts["NW"], key_dim,
         ],
-        shared_bytes=_backward_shared_bytes(tiles, value_dim),
+        shared_bytes=shared_bytes,
     )
     return reduce_partials(layout, dq_heads, dk_heads, dv_parts, df_parts, dw_parts, dh0)

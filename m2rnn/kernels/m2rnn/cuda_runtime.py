@@ -142,13 +142,29 @@ class CudaKernel:
         with torch.cuda.device(self.device):
             self._launch(grid, block, args, shared_bytes)
 
-    def _launch(self, grid: int, block: int, args: list, shared_bytes: int) -> None:
+    def resident_blocks_per_multiprocessor(self, block: int, shared_bytes: int = 0) -> int:
+        """How many blocks of `block` threads and `shared_bytes` of dynamic shared memory one multiprocessor holds
+        at once (the driver's occupancy calculator: registers, shared memory, threads)."""
+        with torch.cuda.device(self.device):
+            self._allow_shared(shared_bytes)
+            blocks = ctypes.c_int()
+            _check_driver(
+                _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                    ctypes.byref(blocks), self.function, block, ctypes.c_size_t(shared_bytes)),
+                f"occupancy of {self.entry}",
+            )
+        return blocks.value
+
+    def _allow_shared(self, shared_bytes: int) -> None:
         if shared_bytes > self.shared_limit:
             _check_driver(
                 _driver().cuFuncSetAttribute(self.function, _MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes),
                 f"asking {shared_bytes} bytes of shared memory for {self.entry}",
             )
             self.shared_limit = shared_bytes
+
+    def _launch(self, grid: int, block: int, args: list, shared_bytes: int) -> None:
+        self._allow_shared(shared_bytes)
         values = []
         for arg in args:
             if isinstance(arg, torch.Tensor):
