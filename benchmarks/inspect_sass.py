@@ -1,7 +1,7 @@
 """Compile the M2RNN kernels for Hopper (sm_90) without a GPU and count the instructions in their loops.
 
     python benchmarks/inspect_sass.py [--kernel fwd|bwd|decode|cuda_fwd|cuda_bwd] [--dtype bf16] [--block-k 64]
-                                      [--warps 1] [--config FIELD=VALUE ...] [--dump out.sass]
+                                      [--warps 1] [--config FIELD=VALUE ...] [--define NAME=INT ...] [--dump out.sass]
 
 Triton ships ptxas and cuobjdump, so a CPU machine can build the cubin that the H100 would run and show what
 each loop iteration issues: tensor-core ops (HMMA), special-function ops (MUFU: tanh), shuffles, shared-memory
@@ -92,8 +92,10 @@ def compile_kernel(kernel_name: str, dtype: str, block_k: int, warps: int, confi
 CUDA_SOURCES = {"cuda_fwd": "cuda_forward.cu", "cuda_bwd": "cuda_backward.cu"}
 
 
-def compile_cuda_kernel(kernel_name: str, dtype: str, tiles: int, value_dim: int = 16) -> bytes:
-    """The cubin of one CUDA kernel variant for sm_90, built with nvcc (same source and -D options as NVRTC)."""
+def compile_cuda_kernel(kernel_name: str, dtype: str, tiles: int, value_dim: int = 16,
+                        defines_set: dict[str, int] | None = None) -> bytes:
+    """The cubin of one CUDA kernel variant for sm_90, built with nvcc (same source and -D options as NVRTC);
+    `defines_set` overrides the paper shape's -D options (e.g. M2_A1_BESIDE=1)."""
     from m2rnn.kernels.m2rnn import cuda_runtime
 
     nvcc = shutil.which("nvcc")
@@ -103,7 +105,8 @@ def compile_cuda_kernel(kernel_name: str, dtype: str, tiles: int, value_dim: int
     if kernel_name == "cuda_fwd":
         defines.update(M2_HAS_H0=0, M2_STORE_CKPT=1, M2_PARTIAL_Y=tiles < 4)
     else:
-        defines.update(M2_HAS_DHT=0, M2_STORE_DH0=0, M2_CLIP=1)
+        defines.update(M2_HAS_DHT=0, M2_STORE_DH0=0, M2_CLIP=1, M2_A1_BESIDE=0)
+    defines.update(defines_set or {})
     source = pathlib.Path(cuda_runtime.__file__).parent / CUDA_SOURCES[kernel_name]
     with tempfile.TemporaryDirectory() as folder:
         cubin = os.path.join(folder, "kernel.cubin")
@@ -163,13 +166,16 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=1)
     parser.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE",
                         help="set a field of M2RNNTritonConfig (ints, True/False, None)")
+    parser.add_argument("--define", action="append", default=[], metavar="NAME=INT",
+                        help="cuda_fwd / cuda_bwd: set a -D option of the kernel (e.g. M2_A1_BESIDE=1)")
     parser.add_argument("--dump", help="write the full SASS here")
     args = parser.parse_args()
     config = parse_config(args.config, "--config")
     if args.kernel in CUDA_SOURCES:
-        functions = disassemble(compile_cuda_kernel(args.kernel, args.dtype, args.block_k // 16))
+        defines = {name: int(value) for name, value in (item.split("=", 1) for item in args.define)}
+        functions = disassemble(compile_cuda_kernel(args.kernel, args.dtype, args.block_k // 16, defines_set=defines))
         size = sum(len(x) for x in functions.values())
-        summary = f"{args.kernel} {args.dtype} tiles={args.block_k // 16}: {size} instructions"
+        summary = f"{args.kernel} {args.dtype} tiles={args.block_k // 16} {args.define}: {size} instructions"
     else:
         kernel = compile_kernel(args.kernel, args.dtype, args.block_k, args.warps, config)
         functions = disassemble(kernel.asm["cubin"])
