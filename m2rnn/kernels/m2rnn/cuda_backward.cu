@@ -329,7 +329,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) m2rnn_backward_states(
     const int work = blockIdx.x * WARPS + warp;
     if (work >= num_work) return;
     const StatesJob job{k, v, w, f, checkpoints, scratch, cu_seqlens, chunk_offsets,
-                        batch, seqlen, chunks_per_seq, 0, N, NK, NV, NF, NW, K};  // total_chunks: the queue's only
+                        batch, seqlen, chunks_per_seq, 0, N, NK, NV, NF, NW, K};  // total_chunks: read by claims only
     chunk_states(job, work, windows[warp], lane);
 }
 
