@@ -5,7 +5,8 @@
 
 Triton ships ptxas and cuobjdump, so a CPU machine can build the cubin that the H100 would run and show what
 each loop iteration issues: tensor-core ops (HMMA), special-function ops (MUFU: tanh), shuffles, shared-memory
-round trips and barriers. This is the free half of every tuning step (predict from the instruction mix, then
+round trips and barriers, and the stall cycles the compiler scheduled through it (a lone warp's cycles per
+iteration where nothing waits on memory). This is the free half of every tuning step (predict from the instruction mix, then
 time on the device); `--config` sets a field of `M2RNNTritonConfig` (e.g. half_precision_state_dot=True).
 `cuda_fwd` / `cuda_bwd` build the CUDA kernels (`m2rnn/kernels/m2rnn/cuda_*.cu`, `--block-k` = 16 · tiles per
 warp) with the nvcc on PATH, as NVRTC would for the paper's shape (float32 gates, checkpoints, clipping).
@@ -116,26 +117,41 @@ def compile_cuda_kernel(kernel_name: str, dtype: str, tiles: int, value_dim: int
             return handle.read()
 
 
-def disassemble(cubin: bytes) -> dict[str, list[tuple[int, str]]]:
-    """(address, instruction text) of every SASS instruction, per kernel of the cubin (each kernel's addresses start
-    at 0), through the cuobjdump that Triton ships."""
+def disassemble(cubin: bytes) -> tuple[dict[str, list[tuple[int, str]]], dict[str, dict[int, int]]]:
+    """(address, instruction text) of every SASS instruction per kernel of the cubin (each kernel's addresses start
+    at 0), and each instruction's scheduled stall cycles, through the cuobjdump that Triton ships."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
         text = subprocess.run([tool, "-sass", handle.name], capture_output=True, text=True, check=True).stdout
-    return sass_functions(text)
+    return sass_functions(text), sass_stalls(text)
+
+
+def _sections(text: str) -> list[tuple[str, str]]:
+    """cuobjdump -sass text -> (kernel name, its listing) per kernel."""
+    sections = []
+    for section in re.split(r"^\s*Function : ", text, flags=re.MULTILINE)[1:]:
+        name, body = section.split("\n", 1)
+        sections.append((name.strip(), body))
+    return sections
 
 
 def sass_functions(text: str) -> dict[str, list[tuple[int, str]]]:
     """cuobjdump -sass text -> {kernel name: [(address, instruction text)]}. Kernels are kept apart because their
     addresses overlap (the backward's cubin holds two)."""
     pattern = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-    functions: dict[str, list[tuple[int, str]]] = {}
-    for section in re.split(r"^\s*Function : ", text, flags=re.MULTILINE)[1:]:
-        name, body = section.split("\n", 1)
-        functions[name.strip()] = [(int(m.group(1), 16), m.group(2)) for m in pattern.finditer(body)]
-    return functions
+    return {name: [(int(m.group(1), 16), m.group(2)) for m in pattern.finditer(body)] for name, body in _sections(text)}
+
+
+def sass_stalls(text: str) -> dict[str, dict[int, int]]:
+    """{kernel name: {address: stall cycles}}: the cycles the compiler makes the warp wait after each instruction
+    before issuing its next (fixed-latency dependencies; variable-latency ones wait on scoreboards instead). On
+    Volta and later they are bits 41-44 of an instruction's second 64-bit word, which cuobjdump prints on the line
+    after it; instructions listed without it are left out."""
+    pattern = re.compile(r"/\*([0-9a-f]{4,})\*/[^\n]*?;\s*/\* 0x[0-9a-f]{16} \*/\s*/\* 0x([0-9a-f]{16}) \*/")
+    return {name: {int(m.group(1), 16): (int(m.group(2), 16) >> 41) & 0xF for m in pattern.finditer(body)}
+            for name, body in _sections(text)}
 
 
 def loops(instructions: list[tuple[int, str]]) -> list[tuple[int, int]]:
@@ -158,6 +174,15 @@ def histogram(instructions: list[tuple[int, str]], start: int, end: int) -> coll
     return counts
 
 
+def loop_stall_cycles(instructions: list[tuple[int, str]], stalls: dict[int, int], start: int, end: int) -> int | None:
+    """The scheduled stall cycles of one pass through a loop: a lone warp's cycles per iteration where nothing
+    waits on memory or a scoreboard (None where the listing lacks the control words)."""
+    addresses = [address for address, _ in instructions if start <= address <= end]
+    if not all(address in stalls for address in addresses):
+        return None
+    return sum(stalls[address] for address in addresses)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=["fwd", "bwd", "decode", *CUDA_SOURCES], default="fwd")
@@ -173,12 +198,13 @@ def main() -> None:
     config = parse_config(args.config, "--config")
     if args.kernel in CUDA_SOURCES:
         defines = {name: int(value) for name, value in (item.split("=", 1) for item in args.define)}
-        functions = disassemble(compile_cuda_kernel(args.kernel, args.dtype, args.block_k // 16, defines_set=defines))
+        functions, stalls = disassemble(
+            compile_cuda_kernel(args.kernel, args.dtype, args.block_k // 16, defines_set=defines))
         size = sum(len(x) for x in functions.values())
         summary = f"{args.kernel} {args.dtype} tiles={args.block_k // 16} {args.define}: {size} instructions"
     else:
         kernel = compile_kernel(args.kernel, args.dtype, args.block_k, args.warps, config)
-        functions = disassemble(kernel.asm["cubin"])
+        functions, stalls = disassemble(kernel.asm["cubin"])
         summary = (f"{args.kernel} {args.dtype} BLOCK_K={args.block_k} warps={args.warps} {args.config}: "
                    f"{kernel.n_regs if hasattr(kernel, 'n_regs') else '?'} registers, "
                    f"{kernel.metadata.shared} B shared, {sum(len(x) for x in functions.values())} instructions")
@@ -188,12 +214,14 @@ def main() -> None:
                                 for a, t in instructions))
     print(summary)
     keys = ["total", *INSTRUCTION_CLASSES]
-    print("| kernel | loop | " + " | ".join(keys) + " |")
-    print("|---" * (len(keys) + 2) + "|")
+    print("| kernel | loop | stall cycles | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 3) + "|")
     for name, instructions in functions.items():
         for start, end in loops(instructions):
             counts = histogram(instructions, start, end)
-            print(f"| {name} | {start:05x}-{end:05x} | " + " | ".join(str(counts.get(k, 0)) for k in keys) + " |")
+            cycles = loop_stall_cycles(instructions, stalls.get(name, {}), start, end)
+            print(f"| {name} | {start:05x}-{end:05x} | {cycles if cycles is not None else '?'} | "
+                  + " | ".join(str(counts.get(k, 0)) for k in keys) + " |")
 
 
 if __name__ == "__main__":
