@@ -153,6 +153,34 @@ def test_backward_launches_a1_then_the_walk_or_both_at_once(monkeypatch, lead, p
         assert states_args[8:12] == [work, layout.batch, layout.seqlen, layout.chunks_per_seq]
 
 
+def test_occupancy_is_asked_of_the_driver_once_per_block_and_shared_size(monkeypatch):
+    """The backward asks how many walk blocks a multiprocessor holds on every call: the driver answers once per
+    (block, shared bytes), with the shared-memory ceiling raised first where the size needs it."""
+    import contextlib
+    import ctypes
+
+    calls = []
+
+    class Driver:
+        def cuFuncSetAttribute(self, function, attribute, value):
+            calls.append(("raise shared", value))
+            return 0
+
+        def cuOccupancyMaxActiveBlocksPerMultiprocessor(self, blocks, function, block, shared_bytes):
+            calls.append(("occupancy", block, shared_bytes.value))
+            ctypes.cast(blocks, ctypes.POINTER(ctypes.c_int)).contents.value = 3
+            return 0
+
+    monkeypatch.setattr(cuda_runtime, "_driver", lambda: Driver())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    kernel = object.__new__(cuda_runtime.CudaKernel)  # no module to load on this machine
+    kernel.function, kernel.entry, kernel.device, kernel.shared_limit, kernel._resident = None, "walk", None, 48 * 1024, {}
+    assert kernel.resident_blocks_per_multiprocessor(128, 62464) == 3
+    assert kernel.resident_blocks_per_multiprocessor(128, 62464) == 3
+    assert kernel.resident_blocks_per_multiprocessor(128, 1024) == 3
+    assert calls == [("raise shared", 62464), ("occupancy", 128, 62464), ("occupancy", 128, 1024)]
+
+
 def test_availability_is_a_constant_under_fullgraph_compile():
     """A compiled decode step asks which backend runs: the availability check must not break the graph (its file
     checks, made first, are untraceable; found by the GPU test of a `fullgraph=True` CUDA-graph decoder)."""
@@ -273,24 +301,44 @@ def test_cuda_backend_packed_documents():
 def test_cuda_backward_is_the_same_whoever_runs_a1(monkeypatch, packed):
     """A1's items give the same scratch whichever warps run them: A1 alone before the walk (this shape's default),
     one A1 block beside the walk (whose warps then run most items themselves while they wait), or more A1 blocks
-    than the GPU holds. Bit-equal gradients, and no hang."""
+    than the GPU holds. Bit-equal gradients, and no hang; the launches show which plan ran."""
     from m2rnn.kernels import m2rnn_recurrence
 
+    sequences = 5 if packed else 3
     cu_seqlens = torch.tensor([0, 300, 301, 301, 777, 1200], dtype=torch.int32, device="cuda") if packed else None
     inputs = _inputs(1 if packed else 3, 1200 if packed else 400, 84, 64, 16, (1, 1, 84, 84, 84), torch.bfloat16,
                      packed=packed)
     if packed:
-        inputs[-1] = (torch.randn(5, 84, 64, 16) * 0.3).to("cuda")
+        inputs[-1] = (torch.randn(sequences, 84, 64, 16) * 0.3).to("cuda")
     config = M2RNNTritonConfig(checkpoint_interval=16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = cuda_kernels.tiles_per_warp(sequences * 84, 64, 16, sms, config, cuda_kernels.BACKWARD_COLUMNS)
+    walk_blocks = -(-sequences * 84 * (64 // (16 * tiles)) // 4)
+    launched = []
+    launch = cuda_runtime.CudaKernel.launch
 
-    def run():
-        return _grads(lambda *x: m2rnn_recurrence(*x, cu_seqlens=cu_seqlens, gradient_clipping=1.0, backend="cuda",
-                                                  triton_config=config), inputs)
+    def recording_launch(self, grid, block, args, shared_bytes=0):
+        launched.append((self.entry, grid))
+        return launch(self, grid, block, args, shared_bytes)
 
-    alone_first = run()
+    monkeypatch.setattr(cuda_runtime.CudaKernel, "launch", recording_launch)
+
+    def run(beside):
+        launched.clear()
+        grads = _grads(lambda *x: m2rnn_recurrence(*x, cu_seqlens=cu_seqlens, gradient_clipping=1.0, backend="cuda",
+                                                   triton_config=config), inputs)
+        backward = [(entry, grid) for entry, grid in launched if entry.startswith("m2rnn_backward")]
+        if beside:
+            assert backward == [("m2rnn_backward", walk_blocks + beside)]
+        else:
+            assert [entry for entry, _ in backward] == ["m2rnn_backward_states", "m2rnn_backward"]
+            assert backward[1][1] == walk_blocks
+        return grads
+
+    alone_first = run(0)
     for beside in (1, 5000):
         monkeypatch.setattr(cuda_kernels, "a1_blocks_beside_walk", lambda *_, beside=beside: beside)
-        for name, a, b in zip(GRADIENTS, run(), alone_first):
+        for name, a, b in zip(GRADIENTS, run(beside), alone_first):
             assert torch.equal(a, b), (beside, name)
 
 

@@ -136,6 +136,7 @@ class CudaKernel:
         self.entry = entry
         self.device = device
         self.shared_limit = 48 * 1024  # dynamic shared memory a launch may use without asking
+        self._resident: dict[tuple[int, int], int] = {}  # (block, shared bytes) -> blocks per multiprocessor
 
     def launch(self, grid: int, block: int, args: list, shared_bytes: int = 0) -> None:
         """Launch on the kernel's device's current stream with `shared_bytes` of dynamic shared memory."""
@@ -144,7 +145,9 @@ class CudaKernel:
 
     def resident_blocks_per_multiprocessor(self, block: int, shared_bytes: int = 0) -> int:
         """How many blocks of `block` threads and `shared_bytes` of dynamic shared memory one multiprocessor holds
-        at once (the driver's occupancy calculator: registers, shared memory, threads)."""
+        at once (the driver's occupancy calculator: registers, shared memory, threads; asked once per pair)."""
+        if (block, shared_bytes) in self._resident:
+            return self._resident[block, shared_bytes]
         with torch.cuda.device(self.device):
             self._allow_shared(shared_bytes)
             blocks = ctypes.c_int()
@@ -153,6 +156,7 @@ class CudaKernel:
                     ctypes.byref(blocks), self.function, block, ctypes.c_size_t(shared_bytes)),
                 f"occupancy of {self.entry}",
             )
+        self._resident[block, shared_bytes] = blocks.value
         return blocks.value
 
     def _allow_shared(self, shared_bytes: int) -> None:
