@@ -3,17 +3,14 @@
 # base's instruction for instruction, checked offline with inspect_sass.py). Kernel GPU tests on o6; one pass of base
 # and o6; o6's table beside xma (same process) and its per-kernel time; then the one-layer swap on o6 with the device
 # time left.
+# (The one-pass A/B was written out in the script that ran; folded onto ab_passes afterwards, same steps.)
 #   WHEELS=.dev-k/whl XMA=.dev-k/xma_src bash benchmarks/gpu_calls/issue15_cuda_u.sh
 source benchmarks/gpu_calls/setup.sh torch triton transformers
 source benchmarks/gpu_calls/kernels.sh
 phase "kernel tests, o6"
 use .dev-k/s25/o6
 kernel_tests
-for variant in base o6; do
-  phase "pass 1 $variant"
-  use .dev-k/s25/$variant
-  timeout 60 python3 benchmarks/gpu_calls/kernel_ab.py $variant 2>&1 | grep RESULT | tee -a $OUT/ab.log
-done
+PASSES=1 ab_passes .dev-k/s25 base o6
 phase "bench, o6, xma beside"
 bench_vs_xma 150
 phase "per-kernel time, 400M fwd+bwd, o6"

@@ -9,11 +9,12 @@ kernel_tests() {
   timeout 150 python3 -m pytest -q -m gpu -rs tests/test_m2rnn_cuda.py \
     "tests/test_m2rnn_triton.py::test_more_than_2_pow_32_state_elements[cuda]" 2>&1 | tee $OUT/pytest_kernels.log | tail -4
 }
-# ab_passes FOLDER [--memory] SET...: two passes over the sets under FOLDER, results appended to $OUT/ab.log.
+# ab_passes FOLDER [--memory] SET...: PASSES (default 2) passes over the sets under FOLDER, results appended to
+# $OUT/ab.log.
 ab_passes() {
   local folder=$1 memory=""; shift
   if [ "$1" = "--memory" ]; then memory=--memory; shift; fi
-  for pass in 1 2; do
+  for pass in $(seq ${PASSES:-2}); do
     for variant in "$@"; do
       phase "pass $pass $variant"
       use $folder/$variant
